@@ -1,0 +1,62 @@
+r"""Gradient-scale bookkeeping for ``torch.amp.GradScaler`` (spec §5).
+
+With a scaler, the backward pass of step :math:`t` carries gradients scaled by
+:math:`s_t`, but the scale is only revealed to the optimizer in ``step()``. The
+hooks therefore divide the output gradients by :math:`\sqrt{s_{t-1}}` (the last
+known scale), which keeps :math:`g g^\top` from overflowing in half precision, so
+
+.. math:: H_C \propto s_t^2 / s_{t-1}, \qquad u := s_{t-1} / s_t^2
+
+is the factor that removes the scale when :math:`H_C` enters the update, and the
+gradient matrix itself is divided by :math:`s_t`. Before the first step
+:math:`s_{-1}` is ``init_grad_scale`` (pass your scaler's initial scale, e.g. 65536).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from torch import Tensor
+
+
+class GradScaleTracker:
+    """Remembers the scales :math:`s_{t-1}` and :math:`s_t` around each step."""
+
+    def __init__(self, init_grad_scale: float) -> None:
+        if not (math.isfinite(init_grad_scale) and init_grad_scale > 0):
+            raise ValueError(f"init_grad_scale must be positive and finite, got {init_grad_scale}.")
+        self.init_grad_scale = float(init_grad_scale)
+        self.scales: dict[int, float] = {-1: self.init_grad_scale}
+        self._warned = False
+
+    def previous(self, step: int) -> float:
+        """:math:`s_{t-1}` for the step :math:`t` whose backward pass is running."""
+        return self.scales.get(step - 1, 1.0)
+
+    def set_current(self, step: int, scale: float) -> None:
+        """Inject :math:`s_t` (when emulating a scaler, or from a custom loop)."""
+        self.scales[step] = float(scale)
+
+    def observe(self, step: int, grad_scale: Tensor | float | None) -> float:
+        """Fix :math:`s_t` at ``step()`` time: injected value, else the scaler's, else 1."""
+        if step not in self.scales:
+            self.scales[step] = 1.0 if grad_scale is None else float(grad_scale)
+        scale = self.scales[step]
+        if step == 0 and scale != self.init_grad_scale and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"The first gradient scale is {scale}, but init_grad_scale={self.init_grad_scale}. "
+                "Pass the GradScaler's initial scale as init_grad_scale (e.g. 65536.0) so that "
+                "the first curvature update is un-scaled correctly.",
+                stacklevel=3,
+            )
+        return scale
+
+    def h_c_unscale(self, step: int) -> float:
+        """:math:`u = s_{t-1}/s_t^2`."""
+        return self.previous(step) / self.scales[step] ** 2
+
+    def end_step(self, next_step: int) -> None:
+        """Forget scales that no later step needs."""
+        self.scales = {k: v for k, v in self.scales.items() if k >= next_step - 1}

@@ -1,0 +1,25 @@
+"""The update rules as pure functions (no hooks, no modules, no optimizer state)."""
+
+from singd.functional.factors import (
+    FactorHyperparams,
+    FactorState,
+    resolve_lr_cov,
+    riemannian_gradients,
+    update_factors,
+)
+from singd.functional.precondition import (
+    apply_parameter_step,
+    kfac_natural_gradient,
+    natural_gradient,
+)
+
+__all__ = [
+    "FactorHyperparams",
+    "FactorState",
+    "apply_parameter_step",
+    "kfac_natural_gradient",
+    "natural_gradient",
+    "resolve_lr_cov",
+    "riemannian_gradients",
+    "update_factors",
+]

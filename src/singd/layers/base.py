@@ -1,0 +1,127 @@
+r"""Layer adapters: how one layer type yields its Kronecker statistics.
+
+Every supported layer computes :math:`y = W \tilde x` per *shared position* (a
+sequence element, an output pixel), with :math:`W \in \mathbb{R}^{d_o\times d_i}`
+(bias appended as the last column when present). An adapter turns the layer's input
+and output gradient into the common *weight-sharing format*
+``[batch, shared, features]`` (curvlinops' convention); from there
+:func:`input_matrix` and :func:`grad_output_matrix` apply KFAC-expand/reduce and the
+loss-average scaling of spec §4 in one place for every layer type:
+
+* expand: rows are all ``B·R`` (batch, position) pairs;
+  :math:`A = [x \,|\, 1] / \sqrt{BR}`, :math:`G_m = g \cdot \sqrt{n_\text{loss}}`;
+* reduce: inputs are **averaged** and output gradients **summed** over the ``R``
+  shared positions; :math:`A = [\bar x \,|\, 1]/\sqrt{B}`;
+
+with :math:`n_\text{loss}` = 1 (``loss_average=None``), ``B`` (``"batch"``), or
+``B·R`` (``"batch+sequence"``). Then :math:`U = A^\top A` and :math:`G = G_m^\top G_m`.
+
+A new layer type is an adapter subclass plus :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+LOSS_AVERAGES = (None, "batch", "batch+sequence")
+
+
+class LayerAdapter(ABC):
+    """How a layer type exposes its parameters and statistics to Kronecker optimizers."""
+
+    @abstractmethod
+    def parameters(self, module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
+        """The ``(weight, bias)`` pair that the Kronecker factors precondition."""
+
+    @abstractmethod
+    def factor_dims(self, module: nn.Module) -> tuple[int, int]:
+        """``(d_K, d_C)``: input-side dimension (bias included) and output-side dimension."""
+
+    @abstractmethod
+    def shared_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The layer input in weight-sharing format ``[B, R, d_in]`` (no bias column)."""
+
+    @abstractmethod
+    def shared_grad_outputs(self, module: nn.Module, g: Tensor) -> Tensor:
+        """The output gradient in weight-sharing format ``[B, R, d_o]``."""
+
+    def reduced_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The input averaged over shared positions, ``[B, d_in]`` (KFAC-reduce).
+
+        Override when the average is cheaper than the weight-sharing format
+        (convolutions average patches without unfolding).
+        """
+        return self.shared_inputs(module, x).mean(1)
+
+    def grad_matrix(self, module: nn.Module) -> Tensor:
+        r"""The gradient as a ``[d_o, d_K]`` matrix :math:`[\nabla W \,|\, \nabla b]`.
+
+        The weight gradient is flattened to ``[d_o, -1]``; a missing bias gradient
+        counts as zero.
+        """
+        weight, bias = self.parameters(module)
+        assert weight.grad is not None
+        g = weight.grad.flatten(1)
+        if bias is None:
+            return g
+        bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        return torch.cat([g, bias_grad.unsqueeze(1).to(g.dtype)], dim=1)
+
+    def split_matrix(self, module: nn.Module, mat: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`grad_matrix`: ``[d_o, d_K]`` back to ``[weight, bias]`` shapes."""
+        weight, bias = self.parameters(module)
+        if bias is None:
+            return [mat.reshape(weight.shape)]
+        return [mat[:, :-1].reshape(weight.shape), mat[:, -1]]
+
+
+def input_matrix(adapter: LayerAdapter, module: nn.Module, x: Tensor, approx: str) -> Tensor:
+    """The processed input :math:`A` ``[rows, d_K]`` for ``U = AᵀA`` (module docstring)."""
+    if approx == "expand":
+        a = adapter.shared_inputs(module, x).flatten(0, 1)
+    else:
+        a = adapter.reduced_inputs(module, x)
+    if adapter.parameters(module)[1] is not None:
+        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    return a / math.sqrt(a.shape[0])
+
+
+def grad_output_matrix(
+    adapter: LayerAdapter, module: nn.Module, g: Tensor, approx: str, loss_average: str | None
+) -> Tensor:
+    """The processed output gradient :math:`G_m` ``[rows, d_o]`` for ``G = G_mᵀG_m``."""
+    shared = adapter.shared_grad_outputs(module, g)
+    batch, positions = shared.shape[0], shared.shape[1]
+    num_loss_terms = {None: 1, "batch": batch, "batch+sequence": batch * positions}[loss_average]
+    gm = shared.flatten(0, 1) if approx == "expand" else shared.sum(1)
+    return gm * math.sqrt(num_loss_terms)
+
+
+_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
+
+
+def register_adapter(module_type: type[nn.Module], adapter: LayerAdapter) -> None:
+    """Make Kronecker optimizers handle ``module_type`` (and its subclasses) with ``adapter``."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"Expected an nn.Module subclass, got {module_type!r}.")
+    if not isinstance(adapter, LayerAdapter):
+        raise TypeError(f"Expected a LayerAdapter instance, got {adapter!r}.")
+    _ADAPTERS[module_type] = adapter
+
+
+def find_adapter(module: nn.Module) -> LayerAdapter | None:
+    """The adapter registered for the closest type in ``module``'s MRO, or None."""
+    for cls in type(module).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+    return None
+
+
+def supported_layer_types() -> list[str]:
+    """Names of the registered layer types."""
+    return sorted(cls.__name__ for cls in _ADAPTERS)

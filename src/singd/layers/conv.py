@@ -1,0 +1,104 @@
+r"""N-dimensional convolutions (``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``) — one adapter.
+
+A convolution is a linear layer applied to every input *patch*: with
+``c = C_in / groups`` and kernel size ``k = (k_1, …)``, :math:`d_i = c \prod k_j`
+(+1 for a bias) and :math:`d_o = C_\text{out}`; the output locations are the
+shared positions. Input channels are **averaged over groups** first, so one K is
+shared by all groups, matching the grouped weight's shape ``[C_out, c, *k]``
+(spec §4).
+
+Patches are gathered by strided slicing of the (explicitly) padded input — one
+slice per kernel offset — which covers any dimension, stride, dilation, padding
+mode and asymmetric ``"same"`` padding. Patch features are channel-major then
+kernel-offset row-major, the order of ``weight.flatten(1)`` and ``F.unfold``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from singd.layers.base import LayerAdapter
+
+
+def conv_paddings(module: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
+    """Per spatial dimension, the (left, right) zero padding the convolution applies."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return [(0, 0)] * len(module.kernel_size)
+        # "same": PyTorch pads total = dilation·(k−1), the extra element on the right.
+        pads = []
+        for k, d in zip(module.kernel_size, module.dilation, strict=True):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    return [(p, p) for p in module.padding]
+
+
+def pad_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """The input padded exactly as the convolution pads it."""
+    pads = conv_paddings(module)
+    flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants the last dim first
+    if not any(flat):
+        return x
+    if module.padding_mode == "zeros":
+        return F.pad(x, flat)
+    return F.pad(x, flat, mode=module.padding_mode)
+
+
+def group_averaged_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """``[B, C_in, *I]`` averaged over channel groups to ``[B, C_in/groups, *I]``."""
+    if module.groups == 1:
+        return x
+    return x.reshape(x.shape[0], module.groups, -1, *x.shape[2:]).mean(1)
+
+
+def kernel_slices(module: nn.modules.conv._ConvNd, x_padded: Tensor) -> list[Tensor]:
+    """For each kernel offset (row-major), the input entries it multiplies: ``[B, c, *O]``."""
+    spatial = x_padded.shape[2:]
+    outs = [
+        (size - d * (k - 1) - 1) // s + 1
+        for size, k, d, s in zip(
+            spatial, module.kernel_size, module.dilation, module.stride, strict=True
+        )
+    ]
+    slices = []
+    for offset in itertools.product(*(range(k) for k in module.kernel_size)):
+        index = [slice(None), slice(None)]
+        for o, d, s, n in zip(offset, module.dilation, module.stride, outs, strict=True):
+            index.append(slice(o * d, o * d + s * (n - 1) + 1, s))
+        slices.append(x_padded[tuple(index)])
+    return slices
+
+
+class ConvAdapter(LayerAdapter):
+    """Adapter for :class:`torch.nn.Conv1d`, :class:`~torch.nn.Conv2d`, :class:`~torch.nn.Conv3d`."""
+
+    def parameters(self, module: nn.modules.conv._ConvNd) -> tuple[nn.Parameter, nn.Parameter | None]:
+        return module.weight, module.bias
+
+    def factor_dims(self, module: nn.modules.conv._ConvNd) -> tuple[int, int]:
+        d_in = module.weight[0].numel() + int(module.bias is not None)
+        return d_in, module.out_channels
+
+    def _unbatched(self, module: nn.modules.conv._ConvNd, t: Tensor) -> Tensor:
+        return t.unsqueeze(0) if t.ndim == len(module.kernel_size) + 1 else t
+
+    def shared_inputs(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+        x = pad_input(module, group_averaged_input(module, self._unbatched(module, x)))
+        patches = torch.stack(kernel_slices(module, x), dim=2)  # [B, c, K, *O]
+        patches = patches.flatten(1, 2).flatten(2)  # [B, c·K, R]
+        return patches.transpose(1, 2)
+
+    def shared_grad_outputs(self, module: nn.modules.conv._ConvNd, g: Tensor) -> Tensor:
+        g = self._unbatched(module, g)
+        return g.flatten(2).transpose(1, 2)  # [B, R, C_out]
+
+    def reduced_inputs(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+        """Patches averaged over output locations, ``[B, d_in]``, without unfolding them."""
+        x = pad_input(module, group_averaged_input(module, self._unbatched(module, x)))
+        means = [s.flatten(2).mean(2) for s in kernel_slices(module, x)]  # each [B, c]
+        return torch.stack(means, dim=2).flatten(1)

@@ -1,0 +1,415 @@
+"""What every Kronecker-factored optimizer here shares with the others.
+
+:class:`KroneckerOptimizer` is a ``torch.optim.Optimizer`` that
+
+* finds the layers of ``model`` that have a registered adapter
+  (:mod:`singd.layers`) and groups their parameters (``param_groups``);
+* captures their inputs and output gradients with :mod:`singd.capture` at
+  refresh steps (``step % T == 0``) and hands them to the subclass;
+* in ``step()`` asks the subclass to refresh and apply its preconditioner, then
+  applies weight decay, heavy-ball momentum and the learning rate;
+* follows the GradScaler protocol (:mod:`singd.amp`) and checkpoints to
+  tensors and plain values only (loadable with ``torch.load(weights_only=True)``),
+  keyed by module names.
+
+Subclasses (:class:`~singd.optim.optimizer.SINGD`, :class:`~singd.optim.kfac.KFAC`)
+implement the preconditioner: ``_accumulate``, ``_refresh``, ``_precondition``,
+``_layer_state`` / ``_load_layer_state`` and ``_clear_statistics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from singd.amp import GradScaleTracker
+from singd.capture import StatisticsCapture
+from singd.functional import apply_parameter_step
+from singd.layers import (
+    KFAC_APPROXIMATIONS,
+    LOSS_AVERAGES,
+    LayerAdapter,
+    find_adapter,
+    supported_layer_types,
+)
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A supported layer: its name in the model, the module and its adapter."""
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The weight parameter."""
+        return self.adapter.parameters(self.module)[0]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Weight and bias (if any), in the order of :meth:`LayerAdapter.split_matrix`."""
+        return [p for p in self.adapter.parameters(self.module) if p is not None]
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        """The parameters of :attr:`params` that require gradients."""
+        return [p for p in self.params if p.requires_grad]
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """``torch.float32`` → ``"float32"`` (None stays None), for checkpoints."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(dtype: torch.dtype | str | None, what: str) -> torch.dtype | None:
+    """Accept a dtype, its name, or None; raise a clear error otherwise."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"Invalid {what} {dtype!r}. Valid: None, {', '.join(_DTYPES)}.")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """Numbers must be finite and ≥ 0 (callables are checked when called)."""
+    if callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and non-negative, got {value}.")
+
+
+class KroneckerOptimizer(Optimizer, ABC):
+    """Base class: layer discovery, hooks, the step skeleton and checkpointing."""
+
+    _step_supports_amp_scaling = True  # GradScaler sets grad_scale/found_inf (torch convention)
+
+    #: Name of the optimizer-specific section of the state dict.
+    _STATE_KEY = "kronecker"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None,
+        defaults: dict[str, Any],
+        *,
+        warn_unsupported: bool = True,
+        init_grad_scale: float = 1.0,
+    ) -> None:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise TypeError(
+                f"{type(self).__name__} needs the unwrapped model: pass model.module, not the "
+                f"{type(model).__name__} wrapper."
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self._layer_of_param, shared = self._discover_layers(model)
+        unsupported = self._unsupported_parameters(model, shared)
+        if params is None:
+            params = [p for layer in self._unique_layers() for p in layer.trainable_params()]
+            if unsupported and warn_unsupported:
+                warnings.warn(
+                    f"{type(self).__name__} will not train these parameters: "
+                    f"{', '.join(unsupported)}. Supported layers: "
+                    f"{', '.join(supported_layer_types())} (a parameter shared by several "
+                    "layers is not supported). Train the others with a second optimizer.",
+                    stacklevel=3,
+                )
+        self._layers: dict[str, Layer] = {}
+        self._group_of_layer: dict[str, int] = {}
+        self._capture = StatisticsCapture(self._is_due, self._on_statistics)
+        self._scales = GradScaleTracker(init_grad_scale)
+        self.steps = 0
+        super().__init__(params, defaults)
+
+    # --- layer discovery -------------------------------------------------------------
+    @staticmethod
+    def _discover_layers(model: nn.Module) -> tuple[dict[nn.Parameter, Layer], set[nn.Parameter]]:
+        layer_of_param: dict[nn.Parameter, Layer] = {}
+        shared: set[nn.Parameter] = set()
+        for name, module in model.named_modules():
+            adapter = find_adapter(module)
+            if adapter is None:
+                continue
+            layer = Layer(name, module, adapter)
+            for p in layer.params:
+                if p in layer_of_param:
+                    shared.add(p)
+                layer_of_param[p] = layer
+        for p in shared:
+            del layer_of_param[p]
+        return layer_of_param, shared
+
+    def _unique_layers(self) -> list[Layer]:
+        return list({layer.name: layer for layer in self._layer_of_param.values()}.values())
+
+    def _unsupported_parameters(self, model: nn.Module, shared: set[nn.Parameter]) -> list[str]:
+        return [
+            name
+            for name, p in model.named_parameters()
+            if p.requires_grad and (p not in self._layer_of_param or p in shared)
+        ]
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check and normalise a param group's hyper-parameters (subclasses extend)."""
+        for key in ("lr", "momentum", "weight_decay", "damping", "lr_cov"):
+            if key in group:
+                check_nonnegative(key, group[key])
+        T = group.get("T", 1)
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T (the refresh interval) must be a positive integer, got {T!r}.")
+        if group.get("kfac_approx") not in KFAC_APPROXIMATIONS:
+            raise ValueError(
+                f"Invalid kfac_approx {group.get('kfac_approx')!r}. Valid: {KFAC_APPROXIMATIONS}."
+            )
+        if group.get("loss_average") not in LOSS_AVERAGES:
+            raise ValueError(
+                f"Invalid loss_average {group.get('loss_average')!r}. Valid: {LOSS_AVERAGES}."
+            )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its parameters must be the weights/biases of supported layers.
+
+        New layers get fresh preconditioner state; a layer's weight and bias must be
+        in the same group.
+
+        Raises:
+            ValueError: For parameters of unsupported layers, split layers, or
+                invalid hyper-parameters.
+        """
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+            self._register_group_layers(group, len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _register_group_layers(self, group: dict[str, Any], index: int) -> None:
+        in_group = {id(p) for p in group["params"]}
+        new_layers: list[Layer] = []
+        for p in group["params"]:
+            layer = self._layer_of_param.get(p)
+            if layer is None:
+                name = next((n for n, q in self.model.named_parameters() if q is p), "<not in model>")
+                raise ValueError(
+                    f"Parameter {name!r} is not the weight or bias of a supported layer "
+                    f"({', '.join(supported_layer_types())}) of the model, or it is shared by "
+                    "several layers."
+                )
+            if layer.name in self._group_of_layer and self._group_of_layer[layer.name] != index:
+                raise ValueError(f"Layer {layer.name!r} already belongs to another param group.")
+            missing = [q for q in layer.trainable_params() if id(q) not in in_group]
+            if missing:
+                raise ValueError(
+                    f"The weight and bias of layer {layer.name!r} must be in the same param group."
+                )
+            if layer.name not in self._group_of_layer and layer not in new_layers:
+                new_layers.append(layer)
+        for layer in new_layers:
+            self._layers[layer.name] = layer
+            self._group_of_layer[layer.name] = index
+            self._capture.add(layer.name, layer.module)
+
+    # --- capture ---------------------------------------------------------------------
+    def group_of(self, layer_name: str) -> dict[str, Any]:
+        """The param group of a layer."""
+        return self.param_groups[self._group_of_layer[layer_name]]
+
+    def _refresh_due(self, group: Mapping[str, Any]) -> bool:
+        return self.steps % group["T"] == 0
+
+    def _is_due(self, layer_name: str) -> bool:
+        return layer_name in self._layers and self._refresh_due(self.group_of(layer_name))
+
+    def _on_statistics(self, layer_name: str, x: Tensor, grad_output: Tensor) -> None:
+        layer = self._layers[layer_name]
+        self._accumulate(layer, self.group_of(layer_name), x, grad_output)
+
+    def set_current_grad_scale(self, scale: float) -> None:
+        """Tell the optimizer the gradient scale :math:`s_t` of the coming ``step()``."""
+        self._scales.set_current(self.steps, scale)
+
+    # --- subclass interface ----------------------------------------------------------
+    @abstractmethod
+    def _accumulate(self, layer: Layer, group: dict[str, Any], x: Tensor, g: Tensor) -> None:
+        """Add one forward/backward pair's statistics to the layer's accumulators."""
+
+    @abstractmethod
+    def _has_statistics(self, layer: Layer) -> bool:
+        """Whether statistics were accumulated for the layer since the last step."""
+
+    @abstractmethod
+    def _clear_statistics(self) -> None:
+        """Drop every accumulator (skipped steps)."""
+
+    @abstractmethod
+    def _refresh(self, layer: Layer, group: dict[str, Any], h_c_unscale: float) -> None:
+        """Update the layer's preconditioner from its accumulated statistics."""
+
+    @abstractmethod
+    def _precondition(self, layer: Layer, G: Tensor) -> Tensor:
+        """Apply the preconditioner to the ``[d_o, d_K]`` gradient matrix."""
+
+    @abstractmethod
+    def _layer_state(self, layer: Layer) -> dict[str, Tensor]:
+        """The layer's preconditioner state as named tensors (for checkpoints)."""
+
+    @abstractmethod
+    def _load_layer_state(self, layer: Layer, state: Mapping[str, Tensor]) -> None:
+        """Restore what :meth:`_layer_state` returned."""
+
+    # --- step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Refresh the due preconditioners, then update every parameter.
+
+        Args:
+            closure: Optional; re-evaluates the model (zero_grad, forward, backward)
+                and returns the loss, as for any ``torch.optim`` optimizer.
+
+        Returns:
+            The closure's loss, or None.
+
+        Raises:
+            RuntimeError: At a refresh step, if a layer has a gradient but no
+                statistics were captured for it (no backward pass since the last
+                step, or a layer whose forward is bypassed).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t = self.steps
+        scale = self._scales.observe(t, getattr(self, "grad_scale", None))
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            warnings.warn(
+                f"Step {t} skipped: the gradients contain inf/NaN (found_inf from GradScaler).",
+                stacklevel=2,
+            )
+            self._clear_statistics()
+            self._finish_step()
+            return loss
+        self._check_statistics()
+        h_c_unscale = self._scales.h_c_unscale(t)
+        for index, group in enumerate(self.param_groups):
+            params: list[Tensor] = []
+            directions: list[Tensor] = []
+            for name, layer in self._layers.items():
+                if self._group_of_layer[name] != index or layer.weight.grad is None:
+                    continue
+                if self._refresh_due(group):
+                    self._refresh(layer, group, h_c_unscale)
+                G = layer.adapter.grad_matrix(layer.module)
+                if scale != 1.0:
+                    G = G / scale
+                update = self._precondition(layer, G)
+                for p, d in zip(layer.params, layer.adapter.split_matrix(layer.module, update)):
+                    if p.requires_grad and (p is layer.weight or p.grad is not None):
+                        params.append(p)
+                        directions.append(d)
+            buffers = [self.state[p].get("momentum_buffer") for p in params]
+            buffers = apply_parameter_step(
+                params,
+                directions,
+                buffers,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+            )
+            for p, buf in zip(params, buffers, strict=True):
+                if buf is not None:
+                    self.state[p]["momentum_buffer"] = buf
+        self._finish_step()
+        return loss
+
+    def _check_statistics(self) -> None:
+        due = [
+            layer
+            for name, layer in self._layers.items()
+            if self._refresh_due(self.group_of(name)) and layer.weight.grad is not None
+        ]
+        missing = [layer.name for layer in due if not self._has_statistics(layer)]
+        if missing and len(missing) == len(due):
+            raise RuntimeError(
+                f"step() was called at a refresh step (step {self.steps}) but no backward pass "
+                "ran through the model since the last step, so there are no curvature "
+                "statistics. Call zero_grad(), then forward and backward, then step()."
+            )
+        if missing:
+            raise RuntimeError(
+                f"Layers {missing} have gradients but no curvature statistics at refresh step "
+                f"{self.steps}: their forward() did not run with gradients enabled in this "
+                "step (e.g. a module whose weight is used without calling it)."
+            )
+
+    def _finish_step(self) -> None:
+        self.steps += 1
+        self._scales.end_step(self.steps)
+
+    # --- checkpointing -----------------------------------------------------------------
+    def _plain_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A param group with only plain values (subclasses convert their own types)."""
+        return dict(group)
+
+    def _restore_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+        """Inverse of :meth:`_plain_group`, given the current group."""
+        return dict(saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain Python values only; layers are keyed by module name."""
+        state = super().state_dict()
+        state["param_groups"] = [self._plain_group(g) for g in state["param_groups"]]
+        state[self._STATE_KEY] = {
+            "steps": self.steps,
+            "grad_scales": dict(self._scales.scales),
+            "layers": {name: self._layer_state(layer) for name, layer in self._layers.items()},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (also one loaded with ``weights_only=True``).
+
+        Raises:
+            ValueError: If it was saved by another optimizer type or for other layers.
+        """
+        if self._STATE_KEY not in state_dict:
+            raise ValueError(
+                f"This state dict was not saved by {type(self).__name__} "
+                f"(no {self._STATE_KEY!r} entry)."
+            )
+        own = state_dict[self._STATE_KEY]
+        if set(own["layers"]) != set(self._layers):
+            raise ValueError(
+                f"The checkpoint holds layers {sorted(own['layers'])}, this optimizer has "
+                f"{sorted(self._layers)}."
+            )
+        rest = {k: v for k, v in state_dict.items() if k != self._STATE_KEY}
+        if len(rest["param_groups"]) != len(self.param_groups):
+            raise ValueError("The checkpoint has a different number of param groups.")
+        rest["param_groups"] = [
+            self._restore_group(dict(saved), current)
+            for saved, current in zip(rest["param_groups"], self.param_groups, strict=True)
+        ]
+        super().load_state_dict(rest)
+        for group in self.param_groups:
+            self._validate_group(group)
+        self.steps = int(own["steps"])
+        self._scales.scales = {int(k): float(v) for k, v in own["grad_scales"].items()}
+        for name, layer in self._layers.items():
+            self._load_layer_state(layer, own["layers"][name])

@@ -1,0 +1,284 @@
+r"""SINGD: Structured Inverse-Free Natural Gradient Descent (Lin et al., ICML 2024).
+
+Per supported layer with weight :math:`W \in \mathbb{R}^{d_o \times d_i}` (bias as an
+extra column), SINGD keeps Kronecker factors :math:`K \in \hat{\mathcal L}_K` and
+:math:`C \in \hat{\mathcal L}_C` with :math:`K K^\top \otimes C C^\top \approx F^{-1}`,
+updated every ``T`` steps without any matrix inversion (see
+:mod:`singd.functional.factors`), and preconditions every step with
+:math:`C C^\top \nabla W K K^\top` (:mod:`singd.functional.precondition`).
+
+Paper symbol ↔ argument: β₂ ``lr``, α₂ ``momentum``, λ ``damping``, α₁ ``alpha1``,
+γ ``weight_decay``, T ``T``, β₁ ``lr_cov``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from singd.functional import (
+    FactorHyperparams,
+    FactorState,
+    natural_gradient,
+    resolve_lr_cov,
+    update_factors,
+)
+from singd.layers import grad_output_matrix, input_matrix
+from singd.optim.base import KroneckerOptimizer, Layer, check_nonnegative, dtype_name, parse_dtype
+from singd.structures import StructuredMatrix, parse_structure
+
+_FACTOR_NAMES = ("K", "C", "m_K", "m_C")
+
+
+class SINGD(KroneckerOptimizer):
+    r"""Structured inverse-free natural gradient descent (IKFAC, INGD and SINGD).
+
+    Works like any ``torch.optim`` optimizer::
+
+        optim = SINGD(model, kfac_like=False, structures=("dense", "diagonal"))
+        optim.zero_grad(); loss_func(model(X), y).backward(); optim.step()
+
+    Args:
+        model: The (unwrapped) model; its layers are found by their module type.
+        params: None (every trainable weight/bias of a supported layer), a list of
+            parameters, or param-group dicts overriding any keyword below except
+            ``model``, ``warn_unsupported`` and ``init_grad_scale``.
+        lr: β₂, the parameter learning rate.
+        momentum: α₂, heavy-ball momentum of the parameter step.
+        damping: λ.
+        alpha1: α₁, Riemannian momentum of the factors (forced to 0 with
+            ``kfac_like=True``).
+        weight_decay: γ, coupled L2 term added to the preconditioned gradient.
+        T: Refresh the factors every ``T`` steps (when ``step % T == 0``).
+        loss_average: ``None`` (summed loss), ``"batch"`` or ``"batch+sequence"``:
+            how the loss averages, which sets the scale of the gradient statistics.
+        lr_cov: β₁, the factor step size; a float, or a callable of the step.
+        structures: Structures of (K, m_K) and (C, m_C): names such as ``"dense"``,
+            ``"diagonal"`` (see :func:`singd.structures.available_structures`) or
+            :class:`~singd.structures.Structure` specs.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers.
+        warn_unsupported: Warn about trainable parameters SINGD does not train.
+        kfac_like: True gives IKFAC (no Riemannian momentum, constant damping).
+        preconditioner_dtype: Dtypes of (K, m_K, H_K) and (C, m_C, H_C); None
+            uses the weight's dtype.
+        init_grad_scale: Gradient scale assumed before the first step (set it to
+            your GradScaler's initial scale).
+        normalize_lr_cov: Normalised steps on the factors:
+            :math:`\beta_1 / \max(1, \|m\|_\infty)`, with momentum scaled by 1−α₁.
+
+    Raises:
+        ValueError: For invalid hyper-parameters or names (the message lists the
+            valid choices) and for a layer split across param groups.
+        TypeError: If ``model`` is wrapped in ``DataParallel``/``DistributedDataParallel``.
+    """
+
+    _STATE_KEY = "singd"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
+        lr: float = 0.001,
+        momentum: float = 0.9,
+        damping: float = 0.001,
+        alpha1: float = 0.5,
+        weight_decay: float = 0.0,
+        T: int = 10,
+        loss_average: str | None = "batch",
+        lr_cov: float | Callable[[int], float] = 1e-2,
+        structures: tuple[str, str] = ("dense", "dense"),
+        kfac_approx: str = "expand",
+        warn_unsupported: bool = True,
+        kfac_like: bool = False,
+        preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
+        init_grad_scale: float = 1.0,
+        normalize_lr_cov: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "damping": damping,
+            "alpha1": alpha1,
+            "weight_decay": weight_decay,
+            "T": T,
+            "loss_average": loss_average,
+            "lr_cov": lr_cov,
+            "structures": structures,
+            "kfac_approx": kfac_approx,
+            "kfac_like": kfac_like,
+            "preconditioner_dtype": preconditioner_dtype,
+            "normalize_lr_cov": normalize_lr_cov,
+        }
+        self._factors: dict[str, FactorState] = {}
+        self._H_K: dict[str, StructuredMatrix] = {}
+        self._H_C: dict[str, StructuredMatrix] = {}
+        super().__init__(
+            model,
+            params,
+            defaults,
+            warn_unsupported=warn_unsupported,
+            init_grad_scale=init_grad_scale,
+        )
+
+    # --- hyper-parameters ----------------------------------------------------------
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_nonnegative("alpha1", group["alpha1"])
+        structures = group["structures"]
+        if isinstance(structures, str) or len(structures) != 2:
+            raise ValueError(
+                f"structures must be a pair (structure of K, structure of C), got {structures!r}."
+            )
+        group["structures"] = tuple(parse_structure(s) for s in structures)
+        dtypes = group["preconditioner_dtype"]
+        if dtypes is None or isinstance(dtypes, (str, torch.dtype)) or len(dtypes) != 2:
+            raise ValueError(
+                f"preconditioner_dtype must be a pair (dtype of K, dtype of C), got {dtypes!r}."
+            )
+        group["preconditioner_dtype"] = tuple(
+            parse_dtype(d, "preconditioner_dtype") for d in dtypes
+        )
+        for flag in ("kfac_like", "normalize_lr_cov"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"{flag} must be a bool, got {group[flag]!r}.")
+        if group["kfac_like"] and group["alpha1"] != 0:
+            warnings.warn(
+                f"kfac_like=True (IKFAC) has no Riemannian momentum; alpha1={group['alpha1']} "
+                "is set to 0.",
+                stacklevel=4,
+            )
+            group["alpha1"] = 0.0
+
+    @staticmethod
+    def _hyperparams(group: Mapping[str, Any], step: int) -> FactorHyperparams:
+        lr_cov = resolve_lr_cov(group["lr_cov"], step)
+        check_nonnegative("lr_cov", lr_cov)
+        return FactorHyperparams(
+            lr_cov=lr_cov,
+            damping=group["damping"],
+            alpha1=group["alpha1"],
+            kfac_like=group["kfac_like"],
+            normalize_lr_cov=group["normalize_lr_cov"],
+        )
+
+    # --- factor state ----------------------------------------------------------------
+    def _factor_dtypes(self, layer: Layer) -> tuple[torch.dtype, torch.dtype]:
+        dtype_K, dtype_C = self.group_of(layer.name)["preconditioner_dtype"]
+        return dtype_K or layer.weight.dtype, dtype_C or layer.weight.dtype
+
+    def factors(self, layer_name: str) -> FactorState:
+        """The factors (K, C, m_K, m_C) of a layer, created as K = I, C = I on first use."""
+        state = self._factors.get(layer_name)
+        if state is None:
+            layer = self._layers[layer_name]
+            group = self.group_of(layer_name)
+            structure_K, structure_C = group["structures"]
+            dtype_K, dtype_C = self._factor_dtypes(layer)
+            d_K, d_C = layer.adapter.factor_dims(layer.module)
+            device = layer.weight.device
+            state = FactorState(
+                K=structure_K.eye(d_K, dtype=dtype_K, device=device),
+                C=structure_C.eye(d_C, dtype=dtype_C, device=device),
+            )
+            if group["alpha1"] != 0:
+                state.m_K = structure_K.zeros(d_K, dtype=dtype_K, device=device)
+                state.m_C = structure_C.zeros(d_C, dtype=dtype_C, device=device)
+            self._factors[layer_name] = state
+        return state
+
+    # --- KroneckerOptimizer interface ------------------------------------------------
+    def _accumulate(self, layer: Layer, group: dict[str, Any], x: Tensor, g: Tensor) -> None:
+        state = self.factors(layer.name)
+        K, C = state.K, state.C
+        approx = group["kfac_approx"]
+        A = input_matrix(layer.adapter, layer.module, x.to(K.dtype), approx)
+        H_K = K.from_inner(A.T)
+        Gm = grad_output_matrix(
+            layer.adapter, layer.module, g.to(C.dtype), approx, group["loss_average"]
+        )
+        previous_scale = self._scales.previous(self.steps)
+        if previous_scale != 1.0:
+            Gm = Gm / previous_scale**0.5
+        H_C = C.from_inner(Gm.T)
+        for store, H in ((self._H_K, H_K), (self._H_C, H_C)):
+            if layer.name in store:
+                store[layer.name].add_(H)
+            else:
+                store[layer.name] = H
+
+    def _has_statistics(self, layer: Layer) -> bool:
+        return layer.name in self._H_K
+
+    def _clear_statistics(self) -> None:
+        self._H_K.clear()
+        self._H_C.clear()
+
+    def _refresh(self, layer: Layer, group: dict[str, Any], h_c_unscale: float) -> None:
+        H_K, H_C = self._H_K.pop(layer.name), self._H_C.pop(layer.name)
+        hp = self._hyperparams(group, self.steps)
+        self._factors[layer.name] = update_factors(
+            self.factors(layer.name), H_K, H_C, hp, h_c_unscale
+        )
+
+    def _precondition(self, layer: Layer, G: Tensor) -> Tensor:
+        state = self.factors(layer.name)
+        return natural_gradient(state.K, state.C, G)
+
+    # --- checkpointing ---------------------------------------------------------------
+    def _plain_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        plain = dict(group)
+        plain["structures"] = tuple(str(s) for s in group["structures"])
+        plain["preconditioner_dtype"] = tuple(dtype_name(d) for d in group["preconditioner_dtype"])
+        if callable(group["lr_cov"]):
+            plain["lr_cov"] = None  # a schedule is code: it stays with the optimizer
+        return plain
+
+    def _restore_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+        if saved.get("lr_cov") is None:
+            saved["lr_cov"] = current["lr_cov"]
+        if tuple(parse_structure(s) for s in saved["structures"]) != current["structures"]:
+            raise ValueError(
+                f"The checkpoint uses structures {saved['structures']}, this optimizer "
+                f"{tuple(str(s) for s in current['structures'])}."
+            )
+        return saved
+
+    def _layer_state(self, layer: Layer) -> dict[str, Tensor]:
+        state = self._factors.get(layer.name)
+        if state is None:
+            return {}
+        out: dict[str, Tensor] = {}
+        for factor_name in _FACTOR_NAMES:
+            factor = getattr(state, factor_name)
+            if factor is not None:
+                for tensor_name, t in factor.tensors().items():
+                    out[f"{factor_name}.{tensor_name}"] = t
+        return out
+
+    def _load_layer_state(self, layer: Layer, state: Mapping[str, Tensor]) -> None:
+        self._factors.pop(layer.name, None)
+        if not state:
+            return
+        current = self.factors(layer.name)  # right structures, dims, dtypes and device
+        for factor_name in _FACTOR_NAMES:
+            factor = getattr(current, factor_name)
+            prefix = f"{factor_name}."
+            saved = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            if factor is None:
+                if saved:
+                    setattr(
+                        current,
+                        factor_name,
+                        self._restore_factor(getattr(current, factor_name[-1]), saved),
+                    )
+                continue
+            setattr(current, factor_name, self._restore_factor(factor, saved))
+
+    @staticmethod
+    def _restore_factor(like: StructuredMatrix, saved: Mapping[str, Tensor]) -> StructuredMatrix:
+        tensors = {k: v.to(device=like.device, dtype=like.dtype).clone() for k, v in saved.items()}
+        return like.structure.from_tensors(like.dim, tensors)
