@@ -75,9 +75,11 @@ def kernel_slices(module: nn.modules.conv._ConvNd, x_padded: Tensor) -> list[Ten
 
 
 class ConvAdapter(LayerAdapter):
-    """Adapter for :class:`torch.nn.Conv1d`, :class:`~torch.nn.Conv2d`, :class:`~torch.nn.Conv3d`."""
+    """Adapter for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``."""
 
-    def parameters(self, module: nn.modules.conv._ConvNd) -> tuple[nn.Parameter, nn.Parameter | None]:
+    def parameters(
+        self, module: nn.modules.conv._ConvNd
+    ) -> tuple[nn.Parameter, nn.Parameter | None]:
         return module.weight, module.bias
 
     def factor_dims(self, module: nn.modules.conv._ConvNd) -> tuple[int, int]:

@@ -41,7 +41,10 @@ from singd.layers import (
     supported_layer_types,
 )
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +208,9 @@ class KroneckerOptimizer(Optimizer, ABC):
         for p in group["params"]:
             layer = self._layer_of_param.get(p)
             if layer is None:
-                name = next((n for n, q in self.model.named_parameters() if q is p), "<not in model>")
+                name = next(
+                    (n for n, q in self.model.named_parameters() if q is p), "<not in model>"
+                )
                 raise ValueError(
                     f"Parameter {name!r} is not the weight or bias of a supported layer "
                     f"({', '.join(supported_layer_types())}) of the model, or it is shared by "
@@ -319,7 +324,8 @@ class KroneckerOptimizer(Optimizer, ABC):
                 if scale != 1.0:
                     G = G / scale
                 update = self._precondition(layer, G)
-                for p, d in zip(layer.params, layer.adapter.split_matrix(layer.module, update)):
+                parts = layer.adapter.split_matrix(layer.module, update)
+                for p, d in zip(layer.params, parts, strict=True):
                     if p.requires_grad and (p is layer.weight or p.grad is not None):
                         params.append(p)
                         directions.append(d)

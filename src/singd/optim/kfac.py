@@ -111,7 +111,9 @@ class KFAC(KroneckerOptimizer):
         dtype = state["S_K"].dtype
         approx = group["kfac_approx"]
         A = input_matrix(layer.adapter, layer.module, x.to(dtype), approx)
-        Gm = grad_output_matrix(layer.adapter, layer.module, g.to(dtype), approx, group["loss_average"])
+        Gm = grad_output_matrix(
+            layer.adapter, layer.module, g.to(dtype), approx, group["loss_average"]
+        )
         previous_scale = self._scales.previous(self.steps)
         if previous_scale != 1.0:
             Gm = Gm / previous_scale**0.5

@@ -88,12 +88,20 @@ class Structure(ABC):
 
     @abstractmethod
     def zeros(
-        self, dim: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        self,
+        dim: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> StructuredMatrix:
         """The structured zero matrix of size ``dim``."""
 
     def eye(
-        self, dim: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        self,
+        dim: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> StructuredMatrix:
         """The structured identity of size ``dim``."""
         return self.zeros(dim, dtype=dtype, device=device).diag_add_(1.0)
@@ -105,7 +113,8 @@ class Structure(ABC):
         got = {k: v.shape for k, v in tensors.items()}
         if expected != got:
             raise ValueError(
-                f"Tensors {got} do not describe a {self} matrix of size {dim} (expected {expected})."
+                f"Tensors {got} do not describe a {self} matrix of size {dim} "
+                f"(expected {expected})."
             )
         return self.matrix_cls(self, dim, {k: v for k, v in tensors.items()})
 
