@@ -1,0 +1,44 @@
+"""The one tolerance table of the test suite, and the comparison helper that uses it.
+
+Every numerical comparison in the tests takes its tolerance from here: by dtype for
+comparisons against a float64 oracle, or by a named scenario where an analytic error
+bound replaces round-off (each entry says why).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: (rtol, atol) for comparing a computation in `dtype` against an exact reference.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    # bf16 keeps 8 mantissa bits (ε ≈ 7.8e-3): a few roundings of O(1) values.
+    torch.bfloat16: (5e-2, 1e-2),
+    # fp16 keeps 11 mantissa bits (ε ≈ 9.8e-4).
+    torch.float16: (1e-2, 1e-3),
+}
+
+#: Trajectories over many optimizer steps accumulate round-off; the published
+#: implementation's own tests compare 30-step float32 runs at these values.
+TRAJECTORY_FLOAT32: tuple[float, float] = (1e-5, 5e-7)
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """``{"rtol": …, "atol": …}`` for ``dtype``, ready for ``torch.testing.assert_close``."""
+    rtol, atol = TOLERANCES[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+def assert_close(
+    actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None, msg: str = ""
+) -> None:
+    """Compare in float64 with the tolerance of ``dtype`` (default: ``actual.dtype``)."""
+    tol = tolerance(dtype or actual.dtype)
+    torch.testing.assert_close(
+        actual.detach().to(torch.float64),
+        expected.detach().to(torch.float64),
+        **tol,
+        msg=(lambda m: f"{msg}\n{m}") if msg else None,
+    )
