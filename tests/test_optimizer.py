@@ -1,0 +1,362 @@
+"""The optimizer as torch.optim users meet it: conventions, checkpoints and errors."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from singd import KFAC, SINGD
+from tests.tolerances import TRAJECTORY_FLOAT32
+
+
+def cnn(inplace: bool = False) -> nn.Sequential:
+    """The small net of the published test suite, on 12×12 inputs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 5, stride=2, padding=1),
+        nn.ReLU(inplace=inplace),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 20),
+        nn.ReLU(inplace=inplace),
+        nn.Linear(20, 10),
+    )
+
+
+def batches(n: int, batch_size: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(batch_size, 1, 12, 12, generator=gen),
+            torch.randint(0, 10, (batch_size,), generator=gen),
+        )
+        for _ in range(n)
+    ]
+
+
+def train(model: nn.Module, optim: torch.optim.Optimizer, data, *, loss_scale: float = 1.0) -> None:
+    for X, y in data:
+        optim.zero_grad()
+        (nn.functional.cross_entropy(model(X), y) * loss_scale).backward()
+        optim.step()
+
+
+def assert_same_params(a: nn.Module, b: nn.Module, *, exact: bool = False) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        if exact:
+            assert torch.equal(p, q), name
+        else:
+            rtol, atol = TRAJECTORY_FLOAT32
+            torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=name)
+
+
+HYPER = {"lr": 5e-3, "damping": 1e-3, "weight_decay": 1e-2, "lr_cov": 1e-2, "T": 1}
+
+
+def test_poster_snippet_runs_and_trains() -> None:
+    torch.manual_seed(0)
+    model, loss_func = cnn(), nn.CrossEntropyLoss()
+    X, y = batches(1, 32)[0]
+    optim = SINGD(model, kfac_like=False, structures=("dense", "diagonal"))
+    before = [p.detach().clone() for p in model.parameters()]
+    optim.zero_grad()
+    loss_func(model(X), y).backward()
+    optim.step()
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert not torch.equal(p, q)
+        assert torch.isfinite(p).all()
+
+
+def test_import_paths() -> None:
+    import singd
+    from singd.optim import optimizer
+
+    assert singd.SINGD is optimizer.SINGD
+
+
+def test_gradient_accumulation_equals_big_batch() -> None:
+    """INGD is invariant to U ← nU, G ← G/n, so 8 micro-batches of 6 equal one batch of 48."""
+    data = batches(6, 48)
+    torch.manual_seed(0)
+    big = cnn()
+    small = cnn()
+    small.load_state_dict(big.state_dict())
+    opt_big = SINGD(big, **HYPER)
+    opt_small = SINGD(small, **HYPER)
+    train(big, opt_big, data)
+    for X, y in data:
+        opt_small.zero_grad()
+        for Xm, ym in zip(X.split(6), y.split(6), strict=True):
+            (nn.functional.cross_entropy(small(Xm), ym) * 6 / 48).backward()
+        opt_small.step()
+    assert_same_params(big, small)
+
+
+def test_param_groups_equal_separate_optimizers() -> None:
+    data = batches(12)
+    torch.manual_seed(0)
+    one, two = cnn(), cnn()
+    two.load_state_dict(one.state_dict())
+    conv_kw = {"structures": ("diagonal", "diagonal"), "T": 1, "alpha1": 0.2, "lr": 3e-3}
+    linear_kw = {"structures": ("dense", "dense"), "T": 3, "alpha1": 0.5, "lr": 1e-2}
+    grouped = SINGD(
+        one,
+        params=[
+            {"params": list(one[0].parameters()), **conv_kw},
+            {"params": [*one[3].parameters(), *one[5].parameters()], **linear_kw},
+        ],
+        damping=1e-3,
+    )
+    separate = [
+        SINGD(two, params=list(two[0].parameters()), damping=1e-3, **conv_kw),
+        SINGD(two, params=[*two[3].parameters(), *two[5].parameters()], damping=1e-3, **linear_kw),
+    ]
+    for X, y in data:
+        grouped.zero_grad()
+        for opt in separate:
+            opt.zero_grad()
+        nn.functional.cross_entropy(one(X), y).backward()
+        nn.functional.cross_entropy(two(X), y).backward()
+        grouped.step()
+        for opt in separate:
+            opt.step()
+    assert_same_params(one, two, exact=True)
+    assert str(grouped.param_groups[0]["structures"][0]) == "diagonal"
+
+
+@pytest.mark.parametrize("optim_cls", [SINGD, KFAC])
+def test_checkpoint_weights_only_and_bit_identical_resume(optim_cls: type) -> None:
+    data = batches(10)
+    kwargs = {"lr": 5e-3, "T": 3, "lr_cov": lambda step: 1e-2 * (1 + step % 2)}
+    torch.manual_seed(0)
+    model = cnn()
+    optim = optim_cls(model, **kwargs)
+    train(model, optim, data[:5])
+
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    resumed = cnn()
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optim = optim_cls(resumed, **kwargs)
+    resumed_optim.load_state_dict(checkpoint["optim"])
+
+    train(model, optim, data[5:])
+    train(resumed, resumed_optim, data[5:])
+    assert_same_params(model, resumed, exact=True)
+    assert resumed_optim.steps == optim.steps == 10
+
+
+def test_checkpoint_is_keyed_by_module_names() -> None:
+    model = cnn()
+    optim = SINGD(model, T=1)
+    train(model, optim, batches(1))
+    layers = optim.state_dict()["singd"]["layers"]
+    assert set(layers) == {"0", "3", "5"}
+    assert set(layers["3"]) == {"K.mat", "C.mat", "m_K.mat", "m_C.mat"}
+
+
+def test_checkpoint_with_other_structures_is_refused() -> None:
+    model = cnn()
+    optim = SINGD(model, T=1)
+    train(model, optim, batches(1))
+    other = SINGD(cnn(), structures=("diagonal", "dense"))
+    with pytest.raises(ValueError, match="structures"):
+        other.load_state_dict(optim.state_dict())
+    with pytest.raises(ValueError, match="not saved by SINGD"):
+        other.load_state_dict(torch.optim.SGD(model.parameters(), lr=1.0).state_dict())
+
+
+def test_inplace_activations_match_out_of_place() -> None:
+    data = batches(8)
+    torch.manual_seed(0)
+    plain, inplace = cnn(), cnn(inplace=True)
+    inplace.load_state_dict(plain.state_dict())
+    train(plain, SINGD(plain, **HYPER), data)
+    train(inplace, SINGD(inplace, **HYPER), data)
+    assert_same_params(plain, inplace, exact=True)
+
+
+def test_no_grad_forward_is_ignored() -> None:
+    data = batches(4)
+    torch.manual_seed(0)
+    a, b = cnn(), cnn()
+    b.load_state_dict(a.state_dict())
+    train(a, SINGD(a, **HYPER), data)
+    optim = SINGD(b, **HYPER)
+    for X, y in data:
+        optim.zero_grad()
+        with torch.no_grad():
+            b(torch.randn_like(X))  # e.g. an evaluation pass: must not add statistics
+        nn.functional.cross_entropy(b(X), y).backward()
+        optim.step()
+    assert_same_params(a, b, exact=True)
+
+
+def test_closure_matches_explicit_loop() -> None:
+    data = batches(4)
+    torch.manual_seed(0)
+    a, b = cnn(), cnn()
+    b.load_state_dict(a.state_dict())
+    train(a, SINGD(a, **HYPER), data)
+    optim = SINGD(b, **HYPER)
+    for X, y in data:
+
+        def closure(X: torch.Tensor = X, y: torch.Tensor = y) -> torch.Tensor:
+            optim.zero_grad()
+            loss = nn.functional.cross_entropy(b(X), y)
+            loss.backward()
+            return loss
+
+        loss = optim.step(closure)
+        assert torch.isfinite(loss)
+    assert_same_params(a, b, exact=True)
+
+
+def test_lr_scheduler_drives_lr() -> None:
+    model = cnn()
+    optim = SINGD(model, lr=1e-2, T=1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    data = batches(3)
+    train(model, optim, data[:1])
+    scheduler.step()
+    assert optim.param_groups[0]["lr"] == 0.0
+    frozen = [p.detach().clone() for p in model.parameters()]
+    train(model, optim, data[1:])
+    for p, q in zip(model.parameters(), frozen, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_add_param_group_registers_new_layers() -> None:
+    model = cnn()
+    optim = SINGD(model, params=list(model[0].parameters()), T=1)
+    optim.add_param_group(
+        {"params": list(model[3].parameters()), "structures": ("diagonal", "dense")}
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, optim, batches(2))
+    changed = [not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)]
+    assert changed == [True, True, True, True, False, False]  # layer 5 is in no group
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        optim.add_param_group({"params": [model[3].weight, model[3].bias]})
+
+
+def test_kfac_like_forces_alpha1_to_zero_without_momentum_buffers() -> None:
+    model = cnn()
+    with pytest.warns(UserWarning, match="alpha1"):
+        optim = SINGD(model, kfac_like=True, alpha1=0.5, T=1)
+    train(model, optim, batches(2))
+    state = optim.factors("3")
+    assert state.m_K is None and state.m_C is None
+
+
+def test_unsupported_parameters_warn() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.BatchNorm1d(4)), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"1\.0\.weight, 1\.0\.bias"):
+        SINGD(model)
+
+
+def test_kfac_trains() -> None:
+    torch.manual_seed(0)
+    model = cnn()
+    optim = KFAC(model, lr=2e-2, T=2, damping=1e-1, lr_cov=0.3)
+    data = batches(1, 64) * 30
+    X, y = data[0]
+    first = nn.functional.cross_entropy(model(X), y).item()
+    train(model, optim, data)
+    assert nn.functional.cross_entropy(model(X), y).item() < 0.5 * first
+
+
+# --- errors -------------------------------------------------------------------------------
+
+BAD_ARGUMENTS: list[tuple[dict[str, object], type[Exception], str]] = [
+    (
+        {"structures": ("dense", "triangle")},
+        ValueError,
+        r"Unknown structure 'triangle'.*dense.*diagonal",
+    ),
+    ({"structures": "dense"}, ValueError, "pair"),
+    ({"kfac_approx": "expanded"}, ValueError, r"kfac_approx.*'expand', 'reduce'"),
+    ({"loss_average": "mean"}, ValueError, r"loss_average.*None, 'batch', 'batch\+sequence'"),
+    ({"lr": -1.0}, ValueError, "lr must be finite and non-negative"),
+    ({"damping": math.nan}, ValueError, "damping must be finite"),
+    ({"momentum": math.inf}, ValueError, "momentum must be finite"),
+    ({"alpha1": -0.5}, ValueError, "alpha1"),
+    ({"weight_decay": -1e-4}, ValueError, "weight_decay"),
+    ({"lr_cov": -1e-2}, ValueError, "lr_cov"),
+    ({"T": 0}, ValueError, "positive integer"),
+    ({"T": 2.5}, ValueError, "positive integer"),
+    ({"lr": "fast"}, TypeError, "lr must be a number"),
+    ({"preconditioner_dtype": (torch.int32, None)}, ValueError, "preconditioner_dtype.*float32"),
+    ({"init_grad_scale": 0.0}, ValueError, "init_grad_scale"),
+    ({"kfac_like": "yes"}, TypeError, "kfac_like must be a bool"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGUMENTS)
+def test_invalid_arguments(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        SINGD(cnn(), **kwargs)
+
+
+def test_invalid_argument_in_a_param_group() -> None:
+    model = cnn()
+    with pytest.raises(ValueError, match="kfac_approx"):
+        SINGD(model, params=[{"params": list(model.parameters()), "kfac_approx": "bogus"}])
+
+
+def test_layer_split_across_groups() -> None:
+    model = cnn()
+    with pytest.raises(ValueError, match="same param group"):
+        SINGD(model, params=[{"params": [model[0].weight]}, {"params": [model[0].bias]}])
+
+
+def test_parameter_of_unsupported_layer() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    with pytest.raises(
+        ValueError, match=r"'1\.weight' is not the weight or bias of a supported layer"
+    ):
+        SINGD(model, params=list(model.parameters()))
+
+
+def test_wrapped_model_is_refused() -> None:
+    with pytest.raises(TypeError, match="unwrapped model"):
+        SINGD(nn.DataParallel(cnn()))
+
+
+def test_step_without_backward_at_refresh_step() -> None:
+    model = cnn()
+    optim = SINGD(model, T=1)
+    train(model, optim, batches(1))
+    with pytest.raises(RuntimeError, match="no backward pass ran"):
+        optim.step()  # the gradients are stale: no statistics since the last step
+
+
+def test_step_with_gradients_from_before_the_optimizer() -> None:
+    model = cnn()
+    X, y = batches(1)[0]
+    nn.functional.cross_entropy(model(X), y).backward()
+    optim = SINGD(model, T=1)
+    with pytest.raises(RuntimeError, match="no backward pass ran"):
+        optim.step()
+
+
+def test_bypassed_layer_is_named() -> None:
+    class Bypass(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 4)
+            self.bypassed = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x) @ self.bypassed.weight.T  # weight used without calling the layer
+
+    model = Bypass()
+    optim = SINGD(model, T=1)
+    model(torch.randn(8, 4)).square().sum().backward()
+    with pytest.raises(RuntimeError, match=r"\['bypassed'\] have gradients but no curvature"):
+        optim.step()
