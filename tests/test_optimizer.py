@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -256,8 +257,8 @@ def test_kfac_like_forces_alpha1_to_zero_without_momentum_buffers() -> None:
 
 def test_unsupported_parameters_warn() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.BatchNorm1d(4)), nn.Linear(4, 2))
-    with pytest.warns(UserWarning, match=r"1\.0\.weight, 1\.0\.bias"):
-        SINGD(model)
+    with pytest.warns(UserWarning, match=r"will not train: 1\.0\.weight \(BatchNorm1d has no"):
+        SINGD(model, fallback=None)
 
 
 def test_kfac_trains() -> None:
@@ -317,10 +318,10 @@ def test_layer_split_across_groups() -> None:
 
 def test_parameter_of_unsupported_layer() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
-    with pytest.raises(
-        ValueError, match=r"'1\.weight' is not the weight or bias of a supported layer"
-    ):
-        SINGD(model, params=list(model.parameters()))
+    with pytest.raises(ValueError, match=r"'1\.weight' cannot get Kronecker factors \(LayerNorm"):
+        SINGD(model, params=list(model.parameters()), fallback=None)
+    with pytest.raises(ValueError, match=r"Invalid fallback 'adam'.*'adamw', 'sgd', None"):
+        SINGD(model, fallback="adam")
 
 
 def test_wrapped_model_is_refused() -> None:
@@ -345,7 +346,7 @@ def test_step_with_gradients_from_before_the_optimizer() -> None:
         optim.step()
 
 
-def test_bypassed_layer_is_named() -> None:
+def test_bypassed_layer_moves_to_fallback_with_one_warning() -> None:
     class Bypass(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -357,6 +358,14 @@ def test_bypassed_layer_is_named() -> None:
 
     model = Bypass()
     optim = SINGD(model, T=1)
-    model(torch.randn(8, 4)).square().sum().backward()
-    with pytest.raises(RuntimeError, match=r"\['bypassed'\] have gradients but no curvature"):
+    before = model.bypassed.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"'bypassed' \(Linear\).*forward hook never fired"):
+        model(torch.randn(8, 4)).square().sum().backward()
+        optim.step()
+    assert not torch.equal(model.bypassed.weight, before)
+    assert "bypassed.weight  fallback  adamw" in optim.describe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: not again
+        optim.zero_grad()
+        model(torch.randn(8, 4)).square().sum().backward()
         optim.step()

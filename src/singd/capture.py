@@ -54,6 +54,12 @@ class StatisticsCapture:
 
         self._handles[name] = module.register_forward_hook(forward_hook, with_kwargs=True)
 
+    def discard(self, name: str) -> None:
+        """Stop capturing the layer ``name`` (no-op if it is not captured)."""
+        handle = self._handles.pop(name, None)
+        if handle is not None:
+            handle.remove()
+
     def remove(self) -> None:
         """Remove every hook."""
         for handle in self._handles.values():

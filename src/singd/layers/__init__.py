@@ -13,16 +13,19 @@ from singd.layers.base import (
     supported_layer_types,
 )
 from singd.layers.conv import ConvAdapter
+from singd.layers.embedding import EmbeddingAdapter
 from singd.layers.linear import LinearAdapter
 
 register_adapter(nn.Linear, LinearAdapter())
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_adapter(_conv, ConvAdapter())
+register_adapter(nn.Embedding, EmbeddingAdapter())
 
 __all__ = [
     "KFAC_APPROXIMATIONS",
     "LOSS_AVERAGES",
     "ConvAdapter",
+    "EmbeddingAdapter",
     "LayerAdapter",
     "LinearAdapter",
     "find_adapter",

@@ -27,12 +27,21 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from singd.structures import Structure
+
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 
 
 class LayerAdapter(ABC):
     """How a layer type exposes its parameters and statistics to Kronecker optimizers."""
+
+    #: A structure the input-side factor K must have whatever the param group asks
+    #: for (e.g. diagonal for embeddings, whose K spans the vocabulary), or None.
+    input_structure: Structure | None = None
+
+    def check(self, module: nn.Module) -> None:  # noqa: B027 (optional hook, no-op default)
+        """Raise a clear error if this module cannot be handled (called at registration)."""
 
     @abstractmethod
     def parameters(self, module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
@@ -49,6 +58,15 @@ class LayerAdapter(ABC):
     @abstractmethod
     def shared_grad_outputs(self, module: nn.Module, g: Tensor) -> Tensor:
         """The output gradient in weight-sharing format ``[B, R, d_o]``."""
+
+    def input_diagonal(self, module: nn.Module, x: Tensor, approx: str) -> Tensor:
+        r""":math:`\operatorname{diag}(A^\top A)`, all a diagonal K needs from the input.
+
+        The default forms :math:`A`; adapters override it where the diagonal is
+        cheaper than the matrix (convolutions, embeddings).
+        """
+        A = input_matrix(self, module, x, approx)
+        return (A * A).sum(0)
 
     def reduced_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
         """The input averaged over shared positions, ``[B, d_in]`` (KFAC-reduce).

@@ -99,6 +99,19 @@ class ConvAdapter(LayerAdapter):
         g = self._unbatched(module, g)
         return g.flatten(2).transpose(1, 2)  # [B, R, C_out]
 
+    def input_diagonal(self, module: nn.modules.conv._ConvNd, x: Tensor, approx: str) -> Tensor:
+        """``diag(AᵀA)`` from sums of squares of the kernel slices (expand), no unfolding."""
+        if approx != "expand":
+            return super().input_diagonal(module, x, approx)
+        x = pad_input(module, group_averaged_input(module, self._unbatched(module, x)))
+        slices = kernel_slices(module, x)
+        rows = slices[0].shape[0] * slices[0][0, 0].numel()
+        squares = torch.stack([s.square().sum([0, *range(2, s.ndim)]) for s in slices], dim=1)
+        diag = squares.flatten() / rows  # [c·K], channel-major like the weight
+        if module.bias is not None:
+            diag = torch.cat([diag, diag.new_ones(1)])
+        return diag
+
     def reduced_inputs(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
         """Patches averaged over output locations, ``[B, d_in]``, without unfolding them."""
         x = pad_input(module, group_averaged_input(module, self._unbatched(module, x)))

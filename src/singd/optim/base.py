@@ -8,6 +8,12 @@
   refresh steps (``step % T == 0``) and hands them to the subclass;
 * in ``step()`` asks the subclass to refresh and apply its preconditioner, then
   applies weight decay, heavy-ball momentum and the learning rate;
+* trains every other trainable parameter with a first-order *fallback* rule
+  (AdamW by default, SGD with momentum, or none), inside the same optimizer:
+  parameters of unsupported modules, parameters shared by several layers, and
+  layers whose hooks never fire (e.g. ``nn.MultiheadAttention.out_proj``, whose
+  weight is used without calling the ``Linear``), which are detected at the first
+  refresh step and moved to the fallback with one warning;
 * follows the GradScaler protocol (:mod:`singd.amp`) and checkpoints to
   tensors and plain values only (loadable with ``torch.load(weights_only=True)``),
   keyed by module names.
@@ -33,6 +39,7 @@ from torch.optim import Optimizer
 from singd.amp import GradScaleTracker
 from singd.capture import StatisticsCapture
 from singd.functional import apply_parameter_step
+from singd.functional.first_order import adamw_step
 from singd.layers import (
     KFAC_APPROXIMATIONS,
     LOSS_AVERAGES,
@@ -40,6 +47,17 @@ from singd.layers import (
     find_adapter,
     supported_layer_types,
 )
+
+FALLBACK_RULES = ("adamw", "sgd", None)
+
+#: Defaults of the fallback's own hyper-parameters (per param group). The fallback
+#: also reads the group's ``lr`` and ``weight_decay`` (decoupled for AdamW, coupled
+#: for SGD) and ``momentum`` (SGD), so LR schedulers drive it like the rest.
+FALLBACK_DEFAULTS: dict[str, Any] = {
+    "fallback": "adamw",
+    "fallback_betas": (0.9, 0.999),
+    "fallback_eps": 1e-8,
+}
 
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -118,53 +136,76 @@ class KroneckerOptimizer(Optimizer, ABC):
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        defaults = {**FALLBACK_DEFAULTS, **defaults}
         self.model = model
-        self._layer_of_param, shared = self._discover_layers(model)
-        unsupported = self._unsupported_parameters(model, shared)
+        self._param_names = {p: name for name, p in model.named_parameters()}
+        self._layer_of_param, self._fallback_reasons = self._discover_layers(model)
         if params is None:
-            params = [p for layer in self._unique_layers() for p in layer.trainable_params()]
-            if unsupported and warn_unsupported:
-                warnings.warn(
-                    f"{type(self).__name__} will not train these parameters: "
-                    f"{', '.join(unsupported)}. Supported layers: "
-                    f"{', '.join(supported_layer_types())} (a parameter shared by several "
-                    "layers is not supported). Train the others with a second optimizer.",
-                    stacklevel=3,
-                )
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            if defaults["fallback"] is None:
+                untrained = [p for p in trainable if p not in self._layer_of_param]
+                trainable = [p for p in trainable if p in self._layer_of_param]
+                if untrained and warn_unsupported:
+                    warnings.warn(
+                        f"{type(self).__name__}(fallback=None) will not train: "
+                        + "; ".join(
+                            f"{self._param_names[p]} ({self._fallback_reasons[p]})"
+                            for p in untrained
+                        )
+                        + ". Use fallback='adamw' or 'sgd' to train them in this optimizer.",
+                        stacklevel=3,
+                    )
+            params = trainable
         self._layers: dict[str, Layer] = {}
         self._group_of_layer: dict[str, int] = {}
+        self._fallback_group: dict[nn.Parameter, int] = {}
+        self._demoted: dict[str, str] = {}  # layers moved to the fallback after construction
         self._capture = StatisticsCapture(self._is_due, self._on_statistics)
         self._scales = GradScaleTracker(init_grad_scale)
         self.steps = 0
         super().__init__(params, defaults)
 
     # --- layer discovery -------------------------------------------------------------
-    @staticmethod
-    def _discover_layers(model: nn.Module) -> tuple[dict[nn.Parameter, Layer], set[nn.Parameter]]:
-        layer_of_param: dict[nn.Parameter, Layer] = {}
-        shared: set[nn.Parameter] = set()
+    def _discover_layers(
+        self, model: nn.Module
+    ) -> tuple[dict[nn.Parameter, Layer], dict[nn.Parameter, str]]:
+        """Map parameters to supported layers; give every other parameter a reason."""
+        owners: dict[nn.Parameter, list[Layer]] = {}
         for name, module in model.named_modules():
             adapter = find_adapter(module)
             if adapter is None:
                 continue
+            adapter.check(module)
             layer = Layer(name, module, adapter)
             for p in layer.params:
-                if p in layer_of_param:
-                    shared.add(p)
+                owners.setdefault(p, []).append(layer)
+        layer_of_param: dict[nn.Parameter, Layer] = {}
+        reasons: dict[nn.Parameter, str] = {}
+        excluded: dict[str, str] = {}
+        for layers in owners.values():
+            if len(layers) > 1:
+                reason = "shared by layers " + ", ".join(repr(layer.name) for layer in layers)
+                for layer in layers:
+                    excluded[layer.name] = reason
+        for p, layers in owners.items():
+            layer = layers[0]
+            reason = excluded.get(layer.name) or self._unsupported_reason(layer)
+            if reason is None:
                 layer_of_param[p] = layer
-        for p in shared:
-            del layer_of_param[p]
-        return layer_of_param, shared
+            else:
+                reasons[p] = reason
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if p not in owners:
+                    reasons.setdefault(p, f"{type(module).__name__} has no Kronecker adapter")
+        return layer_of_param, reasons
+
+    def _unsupported_reason(self, layer: Layer) -> str | None:
+        """Why this optimizer cannot precondition ``layer`` (None if it can)."""
+        return None
 
     def _unique_layers(self) -> list[Layer]:
         return list({layer.name: layer for layer in self._layer_of_param.values()}.values())
-
-    def _unsupported_parameters(self, model: nn.Module, shared: set[nn.Parameter]) -> list[str]:
-        return [
-            name
-            for name, p in model.named_parameters()
-            if p.requires_grad and (p not in self._layer_of_param or p in shared)
-        ]
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check and normalise a param group's hyper-parameters (subclasses extend)."""
@@ -178,6 +219,15 @@ class KroneckerOptimizer(Optimizer, ABC):
             raise ValueError(
                 f"Invalid kfac_approx {group.get('kfac_approx')!r}. Valid: {KFAC_APPROXIMATIONS}."
             )
+        if group["fallback"] not in FALLBACK_RULES:
+            raise ValueError(f"Invalid fallback {group['fallback']!r}. Valid: {FALLBACK_RULES}.")
+        betas = group["fallback_betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2) or not all(
+            isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas
+        ):
+            raise ValueError(f"fallback_betas must be two numbers in [0, 1), got {betas!r}.")
+        group["fallback_betas"] = tuple(float(b) for b in betas)
+        check_nonnegative("fallback_eps", group["fallback_eps"])
         if group.get("loss_average") not in LOSS_AVERAGES:
             raise ValueError(
                 f"Invalid loss_average {group.get('loss_average')!r}. Valid: {LOSS_AVERAGES}."
@@ -208,14 +258,16 @@ class KroneckerOptimizer(Optimizer, ABC):
         for p in group["params"]:
             layer = self._layer_of_param.get(p)
             if layer is None:
-                name = next(
-                    (n for n, q in self.model.named_parameters() if q is p), "<not in model>"
-                )
-                raise ValueError(
-                    f"Parameter {name!r} is not the weight or bias of a supported layer "
-                    f"({', '.join(supported_layer_types())}) of the model, or it is shared by "
-                    "several layers."
-                )
+                name = self._param_names.get(p, "<not in the model>")
+                reason = self._fallback_reasons.get(p, "not a parameter of the model")
+                if group["fallback"] is None or p not in self._param_names:
+                    raise ValueError(
+                        f"Parameter {name!r} cannot get Kronecker factors ({reason}). Supported "
+                        f"layers: {', '.join(supported_layer_types())}. Use fallback='adamw' or "
+                        "'sgd' to train it with a first-order rule in this optimizer."
+                    )
+                self._fallback_group[p] = index
+                continue
             if layer.name in self._group_of_layer and self._group_of_layer[layer.name] != index:
                 raise ValueError(f"Layer {layer.name!r} already belongs to another param group.")
             missing = [q for q in layer.trainable_params() if id(q) not in in_group]
@@ -229,6 +281,19 @@ class KroneckerOptimizer(Optimizer, ABC):
             self._layers[layer.name] = layer
             self._group_of_layer[layer.name] = index
             self._capture.add(layer.name, layer.module)
+
+    def _demote(self, layer: Layer, reason: str) -> None:
+        """Move a layer's parameters to the fallback rule (hooks removed, state dropped)."""
+        index = self._group_of_layer.pop(layer.name)
+        del self._layers[layer.name]
+        self._demoted[layer.name] = reason
+        self._capture.discard(layer.name)
+        self._forget_layer(layer)
+        for p in layer.params:
+            self._layer_of_param.pop(p, None)
+            self._fallback_reasons[p] = reason
+            if p.requires_grad:
+                self._fallback_group[p] = index
 
     # --- capture ---------------------------------------------------------------------
     def group_of(self, layer_name: str) -> dict[str, Any]:
@@ -257,6 +322,10 @@ class KroneckerOptimizer(Optimizer, ABC):
     @abstractmethod
     def _has_statistics(self, layer: Layer) -> bool:
         """Whether statistics were accumulated for the layer since the last step."""
+
+    @abstractmethod
+    def _forget_layer(self, layer: Layer) -> None:
+        """Drop every piece of state of a layer (it moves to the fallback)."""
 
     @abstractmethod
     def _clear_statistics(self) -> None:
@@ -311,6 +380,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             self._finish_step()
             return loss
         self._check_statistics()
+        self._fallback_step(scale)
         h_c_unscale = self._scales.h_c_unscale(t)
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
@@ -350,23 +420,120 @@ class KroneckerOptimizer(Optimizer, ABC):
             for name, layer in self._layers.items()
             if self._refresh_due(self.group_of(name)) and layer.weight.grad is not None
         ]
-        missing = [layer.name for layer in due if not self._has_statistics(layer)]
+        missing = [layer for layer in due if not self._has_statistics(layer)]
         if missing and len(missing) == len(due):
             raise RuntimeError(
                 f"step() was called at a refresh step (step {self.steps}) but no backward pass "
-                "ran through the model since the last step, so there are no curvature "
+                "ran through the model's layers since the last step, so there are no curvature "
                 "statistics. Call zero_grad(), then forward and backward, then step()."
             )
-        if missing:
-            raise RuntimeError(
-                f"Layers {missing} have gradients but no curvature statistics at refresh step "
-                f"{self.steps}: their forward() did not run with gradients enabled in this "
-                "step (e.g. a module whose weight is used without calling it)."
+        for layer in missing:
+            reason = (
+                "its weight has a gradient but its forward hook never fired (the weight is "
+                "used without calling the module, e.g. nn.MultiheadAttention.out_proj)"
             )
+            warnings.warn(
+                f"Layer {layer.name!r} ({type(layer.module).__name__}): {reason}; its parameters "
+                f"move to the fallback rule ({self.group_of(layer.name)['fallback']}).",
+                stacklevel=3,
+            )
+            self._demote(layer, reason)
+
+    def _fallback_step(self, scale: float) -> None:
+        """Update the parameters without Kronecker factors with their group's rule."""
+        for index, group in enumerate(self.param_groups):
+            rule = group["fallback"]
+            params = [
+                p
+                for p in group["params"]
+                if self._fallback_group.get(p) == index and p.grad is not None
+            ]
+            if rule is None or not params:
+                continue
+            grads = [p.grad if scale == 1.0 else p.grad / scale for p in params]
+            if rule == "adamw":
+                adamw_step(
+                    params,
+                    grads,  # type: ignore[arg-type]
+                    [self.state[p] for p in params],
+                    lr=group["lr"],
+                    betas=group["fallback_betas"],
+                    eps=group["fallback_eps"],
+                    weight_decay=group["weight_decay"],
+                )
+            else:
+                buffers = apply_parameter_step(
+                    params,
+                    grads,  # type: ignore[arg-type]
+                    [self.state[p].get("momentum_buffer") for p in params],
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    weight_decay=group["weight_decay"],
+                )
+                for p, buf in zip(params, buffers, strict=True):
+                    if buf is not None:
+                        self.state[p]["momentum_buffer"] = buf
 
     def _finish_step(self) -> None:
         self.steps += 1
         self._scales.end_step(self.steps)
+
+    # --- registration report -----------------------------------------------------------
+    @abstractmethod
+    def _describe_layer(self, layer: Layer) -> tuple[str, int]:
+        """(text describing the layer's factors, bytes of its preconditioner state)."""
+
+    def _state_bytes(self, params: Iterable[nn.Parameter]) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for p in params
+            for t in self.state.get(p, {}).values()
+            if isinstance(t, Tensor)
+        )
+
+    def describe(self) -> str:
+        """A table of how every trainable parameter of the model is handled.
+
+        One row per Kronecker layer (type, parameters, factor structures and
+        dimensions, bytes of optimizer state: factors, momenta and momentum buffers),
+        then one row per fallback parameter with its rule, the reason it gets no
+        Kronecker factors, and its state bytes; the total comes last. Factors are
+        allocated at the first step: before that their bytes are what they will take.
+        """
+        rows = [("layer", "type", "parameters", "preconditioner", "state bytes")]
+        total = 0
+        for name, layer in self._layers.items():
+            factors, nbytes = self._describe_layer(layer)
+            nbytes += self._state_bytes(layer.params)
+            total += nbytes
+            params = ", ".join(
+                n.rsplit(".", 1)[-1] for n in (self._param_names[p] for p in layer.params)
+            )
+            rows.append((name or "<model>", type(layer.module).__name__, params, factors, nbytes))
+        for p, index in self._fallback_group.items():
+            rule = self.param_groups[index]["fallback"]
+            nbytes = self._state_bytes([p])
+            total += nbytes
+            reason = self._fallback_reasons.get(p, "")
+            rows.append((self._param_names.get(p, "?"), "fallback", rule, reason, nbytes))
+        untrained = [
+            name
+            for p, name in self._param_names.items()
+            if p.requires_grad and p not in self._fallback_group and p not in self._layer_of_param
+        ]
+        widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+        lines = [
+            "  ".join(str(cell).ljust(w) for cell, w in zip(row[:4], widths, strict=True))
+            + f"  {row[4]}"
+            for row in rows
+        ]
+        lines.append(f"total optimizer state: {total} bytes")
+        if untrained:
+            lines.append(f"not trained by this optimizer: {', '.join(untrained)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(\n{self.describe()}\n)"
 
     # --- checkpointing -----------------------------------------------------------------
     def _plain_group(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -385,6 +552,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             "steps": self.steps,
             "grad_scales": dict(self._scales.scales),
             "layers": {name: self._layer_state(layer) for name, layer in self._layers.items()},
+            "fallback_layers": dict(self._demoted),
         }
         return state
 
@@ -400,6 +568,9 @@ class KroneckerOptimizer(Optimizer, ABC):
                 f"(no {self._STATE_KEY!r} entry)."
             )
         own = state_dict[self._STATE_KEY]
+        for name, reason in own.get("fallback_layers", {}).items():
+            if name in self._layers:
+                self._demote(self._layers[name], reason)
         if set(own["layers"]) != set(self._layers):
             raise ValueError(
                 f"The checkpoint holds layers {sorted(own['layers'])}, this optimizer has "

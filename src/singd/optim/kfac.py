@@ -40,6 +40,16 @@ class KFAC(KroneckerOptimizer):
         factor_dtype: Dtype of the statistics S and inverses P (None: the weight's).
         inverse_dtype: Dtype the inversion is computed in (default float32).
         init_grad_scale: As for :class:`~singd.SINGD`.
+        fallback: Rule for every trainable parameter without Kronecker factors
+            (norm layers, raw parameters, shared/tied weights, layers whose hooks
+            never fire): ``"adamw"`` (default; decoupled ``weight_decay``),
+            ``"sgd"`` (heavy-ball ``momentum``, coupled ``weight_decay``) or
+            ``None`` (leave them to another optimizer, as the published SINGD).
+            It uses its param group's ``lr``, so LR schedulers drive it too; put
+            those parameters in their own group for a different learning rate.
+        fallback_betas: AdamW's (β₁, β₂) for the fallback.
+        fallback_eps: AdamW's ε for the fallback.
+
     """
 
     _STATE_KEY = "kfac"
@@ -60,6 +70,9 @@ class KFAC(KroneckerOptimizer):
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype = torch.float32,
         init_grad_scale: float = 1.0,
+        fallback: str | None = "adamw",
+        fallback_betas: tuple[float, float] = (0.9, 0.999),
+        fallback_eps: float = 1e-8,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -72,6 +85,9 @@ class KFAC(KroneckerOptimizer):
             "kfac_approx": kfac_approx,
             "factor_dtype": factor_dtype,
             "inverse_dtype": inverse_dtype,
+            "fallback": fallback,
+            "fallback_betas": fallback_betas,
+            "fallback_eps": fallback_eps,
         }
         self._kfac_state: dict[str, dict[str, Tensor]] = {}
         self._U: dict[str, Tensor] = {}
@@ -125,6 +141,25 @@ class KFAC(KroneckerOptimizer):
 
     def _has_statistics(self, layer: Layer) -> bool:
         return layer.name in self._U
+
+    def _unsupported_reason(self, layer: Layer) -> str | None:
+        if layer.adapter.input_structure is not None:
+            return (
+                f"KFAC keeps dense factors; {type(layer.module).__name__} needs a "
+                f"{layer.adapter.input_structure} input factor"
+            )
+        return None
+
+    def _forget_layer(self, layer: Layer) -> None:
+        for store in (self._kfac_state, self._U, self._G):
+            store.pop(layer.name, None)
+
+    def _describe_layer(self, layer: Layer) -> tuple[str, int]:
+        d_K, d_C = layer.adapter.factor_dims(layer.module)
+        group = self.group_of(layer.name)
+        dtype = group["factor_dtype"] or layer.weight.dtype
+        text = f"S_K, P_K: dense {d_K}, S_C, P_C: dense {d_C} {dtype_name(dtype)}"
+        return text, 2 * (d_K**2 + d_C**2) * dtype.itemsize
 
     def _clear_statistics(self) -> None:
         self._U.clear()

@@ -29,9 +29,27 @@ from singd.functional import (
 )
 from singd.layers import grad_output_matrix, input_matrix
 from singd.optim.base import KroneckerOptimizer, Layer, check_nonnegative, dtype_name, parse_dtype
-from singd.structures import StructuredMatrix, parse_structure
+from singd.structures import DiagonalMatrix, StructuredMatrix, parse_structure
 
 _FACTOR_NAMES = ("K", "C", "m_K", "m_C")
+
+
+def input_curvature(K: StructuredMatrix, layer: Layer, x: Tensor, approx: str) -> StructuredMatrix:
+    r""":math:`H_K = \hat\Pi(K^\top A^\top A K)` from the layer input.
+
+    A diagonal K needs only :math:`\operatorname{diag}(A^\top A)`, which adapters
+    compute without forming :math:`A` (unfolded convolution patches, one-hot
+    embedding inputs): :math:`H_K = k^2 \odot \operatorname{diag}(A^\top A)`.
+    """
+    if x.is_floating_point():  # (embedding inputs are indices)
+        x = x.to(K.dtype)
+    if isinstance(K, DiagonalMatrix):
+        return DiagonalMatrix(
+            K.structure,
+            K.dim,
+            {"diag": K.diag.square() * layer.adapter.input_diagonal(layer.module, x, approx)},
+        )
+    return K.from_inner(input_matrix(layer.adapter, layer.module, x, approx).T)
 
 
 class SINGD(KroneckerOptimizer):
@@ -70,6 +88,16 @@ class SINGD(KroneckerOptimizer):
         normalize_lr_cov: Normalised steps on the factors:
             :math:`\beta_1 / \max(1, \|m\|_\infty)`, with momentum scaled by 1−α₁.
 
+        fallback: Rule for every trainable parameter without Kronecker factors
+            (norm layers, raw parameters, shared/tied weights, layers whose hooks
+            never fire): ``"adamw"`` (default; decoupled ``weight_decay``),
+            ``"sgd"`` (heavy-ball ``momentum``, coupled ``weight_decay``) or
+            ``None`` (leave them to another optimizer, as the published SINGD).
+            It uses its param group's ``lr``, so LR schedulers drive it too; put
+            those parameters in their own group for a different learning rate.
+        fallback_betas: AdamW's (β₁, β₂) for the fallback.
+        fallback_eps: AdamW's ε for the fallback.
+
     Raises:
         ValueError: For invalid hyper-parameters or names (the message lists the
             valid choices) and for a layer split across param groups.
@@ -97,6 +125,9 @@ class SINGD(KroneckerOptimizer):
         preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
+        fallback: str | None = "adamw",
+        fallback_betas: tuple[float, float] = (0.9, 0.999),
+        fallback_eps: float = 1e-8,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -112,6 +143,9 @@ class SINGD(KroneckerOptimizer):
             "kfac_like": kfac_like,
             "preconditioner_dtype": preconditioner_dtype,
             "normalize_lr_cov": normalize_lr_cov,
+            "fallback": fallback,
+            "fallback_betas": fallback_betas,
+            "fallback_eps": fallback_eps,
         }
         self._factors: dict[str, FactorState] = {}
         self._H_K: dict[str, StructuredMatrix] = {}
@@ -177,6 +211,7 @@ class SINGD(KroneckerOptimizer):
             layer = self._layers[layer_name]
             group = self.group_of(layer_name)
             structure_K, structure_C = group["structures"]
+            structure_K = layer.adapter.input_structure or structure_K
             dtype_K, dtype_C = self._factor_dtypes(layer)
             d_K, d_C = layer.adapter.factor_dims(layer.module)
             device = layer.weight.device
@@ -195,8 +230,7 @@ class SINGD(KroneckerOptimizer):
         state = self.factors(layer.name)
         K, C = state.K, state.C
         approx = group["kfac_approx"]
-        A = input_matrix(layer.adapter, layer.module, x.to(K.dtype), approx)
-        H_K = K.from_inner(A.T)
+        H_K = input_curvature(K, layer, x, approx)
         Gm = grad_output_matrix(
             layer.adapter, layer.module, g.to(C.dtype), approx, group["loss_average"]
         )
@@ -212,6 +246,31 @@ class SINGD(KroneckerOptimizer):
 
     def _has_statistics(self, layer: Layer) -> bool:
         return layer.name in self._H_K
+
+    def _forget_layer(self, layer: Layer) -> None:
+        for store in (self._factors, self._H_K, self._H_C):
+            store.pop(layer.name, None)
+
+    def _describe_layer(self, layer: Layer) -> tuple[str, int]:
+        state = self._factors.get(layer.name)
+        if state is None:  # not allocated yet: count what the first step will allocate
+            group = self.group_of(layer.name)
+            d_K, d_C = layer.adapter.factor_dims(layer.module)
+            structure_K = layer.adapter.input_structure or group["structures"][0]
+            dtype_K, dtype_C = self._factor_dtypes(layer)
+            copies = 2 if group["alpha1"] != 0 else 1
+            nbytes = copies * (
+                structure_K.num_stored(d_K) * dtype_K.itemsize
+                + group["structures"][1].num_stored(d_C) * dtype_C.itemsize
+            )
+            text = f"K: {structure_K} {d_K}, C: {group['structures'][1]} {d_C}"
+            return text, nbytes
+        factors = [f for f in (state.K, state.C, state.m_K, state.m_C) if f is not None]
+        text = (
+            f"K: {state.K.structure} {state.K.dim} {dtype_name(state.K.dtype)}, "
+            f"C: {state.C.structure} {state.C.dim} {dtype_name(state.C.dtype)}"
+        )
+        return text, sum(f.nbytes() for f in factors)
 
     def _clear_statistics(self) -> None:
         self._H_K.clear()
