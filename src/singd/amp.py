@@ -53,6 +53,10 @@ class GradScaleTracker:
             )
         return scale
 
+    def forget(self, step: int) -> None:
+        """Drop :math:`s_t` of a skipped step: the retry observes its own scale."""
+        self.scales.pop(step, None)
+
     def h_c_unscale(self, step: int) -> float:
         """:math:`u = s_{t-1}/s_t^2`."""
         return self.previous(step) / self.scales[step] ** 2

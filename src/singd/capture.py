@@ -5,7 +5,8 @@ update and gradients are enabled, a *tensor hook on the layer output*. Module
 backward hooks are avoided on purpose: they break with in-place activations
 (``ReLU(inplace=True)``, PyTorch issue 61519), while a tensor hook registered
 before the in-place change receives the gradient of the layer's own output.
-Forward passes under ``torch.no_grad()`` capture nothing.
+Forward passes under ``torch.no_grad()`` capture nothing. Models wrapped in
+``torch.compile`` work: the hooks are excluded from compilation.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class StatisticsCapture:
     def add(self, name: str, module: nn.Module) -> None:
         """Start capturing ``module`` under ``name``."""
 
+        # Under torch.compile the hook runs eagerly (a graph break per captured layer):
+        # tracing it would guard on the step counter and recompile at every step.
+        @torch.compiler.disable
         def forward_hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:

@@ -34,8 +34,10 @@ def adamw_step(
 ) -> None:
     """One AdamW step in place; ``states`` hold ``exp_avg``, ``exp_avg_sq``, ``step``.
 
-    Missing state entries are created as zeros (``step`` as a float32 scalar tensor,
-    like ``torch.optim.AdamW``, so checkpoints are interchangeable).
+    Half-precision parameters are updated with float32 arithmetic (their state
+    stays in their dtype). Missing state entries are created as zeros (``step``
+    as a float32 scalar tensor, like ``torch.optim.AdamW``, so checkpoints are
+    interchangeable).
     """
     beta1, beta2 = betas
     for p, g, state in zip(params, grads, states, strict=True):
@@ -45,11 +47,21 @@ def adamw_step(
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
         step = float(state["step"])
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        p.mul_(1 - lr * weight_decay)
+        # Half-precision parameters: do the arithmetic in float32 (g² and ε = 1e-8
+        # underflow in float16), then store the results in the parameter's dtype.
+        half = p.dtype in (torch.float16, torch.bfloat16)
+        work = p.float() if half else p
+        exp_avg = state["exp_avg"].float() if half else state["exp_avg"]
+        exp_avg_sq = state["exp_avg_sq"].float() if half else state["exp_avg_sq"]
+        g = g.float() if half else g
+        work.mul_(1 - lr * weight_decay)
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        work.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        if half:
+            p.copy_(work)
+            state["exp_avg"].copy_(exp_avg)
+            state["exp_avg_sq"].copy_(exp_avg_sq)

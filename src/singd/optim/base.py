@@ -25,11 +25,12 @@ implement the preconditioner: ``_accumulate``, ``_refresh``, ``_precondition``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -112,6 +113,32 @@ def check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be finite and non-negative, got {value}.")
 
 
+@contextlib.contextmanager
+def _autocast_disabled() -> Iterator[None]:
+    """Turn autocast off on every device type (the optimizer picks its own dtypes)."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+def kl_clip_factor(kl_terms: list[Tensor], *, lr: float, kl_clip: float) -> Tensor:
+    r"""KFAC's KL clipping: :math:`\nu = \min\bigl(1, \sqrt{c / (\beta_2^2 \sum_l
+    \langle G_l, \Delta_l \rangle)}\bigr)`.
+
+    :math:`\langle G, \Delta\rangle = \langle g, F^{-1} g\rangle` per layer, so
+    :math:`\beta_2^2 \sum_l \langle G_l, \Delta_l\rangle` is the (quadratic-model)
+    KL change of the step; scaling the natural gradients by :math:`\nu` bounds it by
+    :math:`c` = ``kl_clip``. Computed on the device, without synchronising.
+    """
+    terms = torch.stack(kl_terms)
+    total = terms.to(torch.promote_types(terms.dtype, torch.float32)).sum() * lr**2
+    return torch.clamp(
+        torch.sqrt(kl_clip / total.clamp_min(torch.finfo(total.dtype).tiny)), max=1.0
+    )
+
+
 class KroneckerOptimizer(Optimizer, ABC):
     """Base class: layer discovery, hooks, the step skeleton and checkpointing."""
 
@@ -128,6 +155,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         *,
         warn_unsupported: bool = True,
         init_grad_scale: float = 1.0,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             raise TypeError(
@@ -136,8 +164,11 @@ class KroneckerOptimizer(Optimizer, ABC):
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-        defaults = {**FALLBACK_DEFAULTS, **defaults}
+        defaults = {**FALLBACK_DEFAULTS, "kl_clip": None, **defaults}
         self.model = model
+        self.grad_scaler = grad_scaler
+        if grad_scaler is not None and grad_scaler.is_enabled() and init_grad_scale == 1.0:
+            init_grad_scale = grad_scaler.get_scale()
         self._param_names = {p: name for name, p in model.named_parameters()}
         self._layer_of_param, self._fallback_reasons = self._discover_layers(model)
         if params is None:
@@ -162,6 +193,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         self._demoted: dict[str, str] = {}  # layers moved to the fallback after construction
         self._capture = StatisticsCapture(self._is_due, self._on_statistics)
         self._scales = GradScaleTracker(init_grad_scale)
+        self._warned_non_finite: set[str] = set()
         self.steps = 0
         super().__init__(params, defaults)
 
@@ -228,6 +260,8 @@ class KroneckerOptimizer(Optimizer, ABC):
             raise ValueError(f"fallback_betas must be two numbers in [0, 1), got {betas!r}.")
         group["fallback_betas"] = tuple(float(b) for b in betas)
         check_nonnegative("fallback_eps", group["fallback_eps"])
+        if group["kl_clip"] is not None:
+            check_nonnegative("kl_clip", group["kl_clip"])
         if group.get("loss_average") not in LOSS_AVERAGES:
             raise ValueError(
                 f"Invalid loss_average {group.get('loss_average')!r}. Valid: {LOSS_AVERAGES}."
@@ -308,7 +342,8 @@ class KroneckerOptimizer(Optimizer, ABC):
 
     def _on_statistics(self, layer_name: str, x: Tensor, grad_output: Tensor) -> None:
         layer = self._layers[layer_name]
-        self._accumulate(layer, self.group_of(layer_name), x, grad_output)
+        with _autocast_disabled():
+            self._accumulate(layer, self.group_of(layer_name), x, grad_output)
 
     def set_current_grad_scale(self, scale: float) -> None:
         """Tell the optimizer the gradient scale :math:`s_t` of the coming ``step()``."""
@@ -332,8 +367,15 @@ class KroneckerOptimizer(Optimizer, ABC):
         """Drop every accumulator (skipped steps)."""
 
     @abstractmethod
-    def _refresh(self, layer: Layer, group: dict[str, Any], h_c_unscale: float) -> None:
-        """Update the layer's preconditioner from its accumulated statistics."""
+    def _refresh(
+        self, layer: Layer, group: dict[str, Any], h_c_unscale: float
+    ) -> tuple[Tensor, Callable[[], None]]:
+        """Update the layer's preconditioner from its accumulated statistics.
+
+        Returns:
+            A boolean scalar tensor (all new state finite; not synchronised) and a
+            function that restores the state from before this refresh.
+        """
 
     @abstractmethod
     def _precondition(self, layer: Layer, G: Tensor) -> Tensor:
@@ -352,6 +394,11 @@ class KroneckerOptimizer(Optimizer, ABC):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Refresh the due preconditioners, then update every parameter.
 
+        Runs with autocast disabled, so factors and updates keep the dtypes the user
+        chose. With a GradScaler, a step whose gradients contain inf/NaN is skipped
+        and does **not** count: ``steps`` is not incremented, so the refresh schedule
+        (every ``T`` steps) is kept and the skipped refresh happens at the retry.
+
         Args:
             closure: Optional; re-evaluates the model (zero_grad, forward, backward)
                 and returns the loss, as for any ``torch.optim`` optimizer.
@@ -360,45 +407,55 @@ class KroneckerOptimizer(Optimizer, ABC):
             The closure's loss, or None.
 
         Raises:
-            RuntimeError: At a refresh step, if a layer has a gradient but no
-                statistics were captured for it (no backward pass since the last
-                step, or a layer whose forward is bypassed).
+            RuntimeError: At a refresh step with gradients but no statistics (no
+                backward pass since the last step); or if ``scaler.unscale_`` was
+                called without telling the optimizer the scaler (``grad_scaler=``).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with _autocast_disabled():
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         t = self.steps
-        scale = self._scales.observe(t, getattr(self, "grad_scale", None))
+        grad_divisor = self._resolve_grad_scale(t)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0.0:
             warnings.warn(
-                f"Step {t} skipped: the gradients contain inf/NaN (found_inf from GradScaler).",
-                stacklevel=2,
+                f"Step {t} skipped: the gradients contain inf/NaN (found_inf from GradScaler); "
+                "it will be retried as the same step.",
+                stacklevel=3,
             )
             self._clear_statistics()
-            self._finish_step()
-            return loss
+            self._scales.forget(t)
+            return
         self._check_statistics()
-        self._fallback_step(scale)
-        h_c_unscale = self._scales.h_c_unscale(t)
+        self._fallback_step(grad_divisor)
+        self._refresh_due_layers(self._scales.h_c_unscale(t))
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             directions: list[Tensor] = []
+            kl_terms: list[Tensor] = []
             for name, layer in self._layers.items():
                 if self._group_of_layer[name] != index or layer.weight.grad is None:
                     continue
-                if self._refresh_due(group):
-                    self._refresh(layer, group, h_c_unscale)
                 G = layer.adapter.grad_matrix(layer.module)
-                if scale != 1.0:
-                    G = G / scale
+                if grad_divisor != 1.0:
+                    G = G / grad_divisor
                 update = self._precondition(layer, G)
+                if group["kl_clip"] is not None:
+                    kl_terms.append((G * update).sum())
                 parts = layer.adapter.split_matrix(layer.module, update)
                 for p, d in zip(layer.params, parts, strict=True):
                     if p.requires_grad and (p is layer.weight or p.grad is not None):
                         params.append(p)
                         directions.append(d)
+            if kl_terms:
+                nu = kl_clip_factor(kl_terms, lr=group["lr"], kl_clip=group["kl_clip"])
+                directions = [d * nu.to(d.dtype) for d in directions]
             buffers = [self.state[p].get("momentum_buffer") for p in params]
             buffers = apply_parameter_step(
                 params,
@@ -412,7 +469,57 @@ class KroneckerOptimizer(Optimizer, ABC):
                 if buf is not None:
                     self.state[p]["momentum_buffer"] = buf
         self._finish_step()
-        return loss
+
+    def _resolve_grad_scale(self, t: int) -> float:
+        """Fix :math:`s_t`; return what the gradients must be divided by (1 if unscaled).
+
+        ``GradScaler.step`` sets ``grad_scale`` (gradients still scaled) unless the
+        user called ``scaler.unscale_`` first (e.g. to clip): then ``grad_scale`` is
+        None, the gradients are unscaled, but the curvature statistics still carry
+        the scale, which is then read from the attached ``grad_scaler``.
+        """
+        grad_scale = getattr(self, "grad_scale", None)
+        unscaled = grad_scale is None and hasattr(self, "found_inf")
+        if unscaled:
+            if self.grad_scaler is None:
+                raise RuntimeError(
+                    "scaler.unscale_(optimizer) was called before scaler.step(optimizer) "
+                    "(e.g. to clip gradients), so the optimizer cannot see the gradient "
+                    f"scale its curvature statistics carry. Construct {type(self).__name__}"
+                    "(..., grad_scaler=scaler) so it can read the scale."
+                )
+            grad_scale = self.grad_scaler.get_scale()
+        elif grad_scale is None and self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            grad_scale = self.grad_scaler.get_scale()  # a manual loop without scaler.step
+        scale = self._scales.observe(t, grad_scale)
+        return 1.0 if unscaled else scale
+
+    def _refresh_due_layers(self, h_c_unscale: float) -> None:
+        """Refresh every due layer, then undo the refreshes that produced inf/NaN.
+
+        One device synchronisation for all layers. A layer whose statistics or new
+        factors are not finite keeps its previous factors; a warning names it once.
+        """
+        checks: list[tuple[Layer, Tensor, Callable[[], None]]] = []
+        for name, layer in self._layers.items():
+            if layer.weight.grad is not None and self._refresh_due(self.group_of(name)):
+                finite, undo = self._refresh(layer, self.group_of(name), h_c_unscale)
+                checks.append((layer, finite, undo))
+        if not checks:
+            return
+        flags = torch.stack([finite.to(checks[0][1].device) for _, finite, _ in checks]).tolist()
+        for (layer, _, undo), ok in zip(checks, flags, strict=True):
+            if ok:
+                continue
+            undo()
+            if layer.name not in self._warned_non_finite:
+                self._warned_non_finite.add(layer.name)
+                warnings.warn(
+                    f"Layer {layer.name!r}: its curvature statistics or factor update contain "
+                    f"inf/NaN at step {self.steps}; its factors are left as they were (this "
+                    "warning is shown once per layer).",
+                    stacklevel=4,
+                )
 
     def _check_statistics(self) -> None:
         due = [
@@ -439,7 +546,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             )
             self._demote(layer, reason)
 
-    def _fallback_step(self, scale: float) -> None:
+    def _fallback_step(self, grad_divisor: float) -> None:
         """Update the parameters without Kronecker factors with their group's rule."""
         for index, group in enumerate(self.param_groups):
             rule = group["fallback"]
@@ -450,7 +557,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             ]
             if rule is None or not params:
                 continue
-            grads = [p.grad if scale == 1.0 else p.grad / scale for p in params]
+            grads = [p.grad if grad_divisor == 1.0 else p.grad / grad_divisor for p in params]
             if rule == "adamw":
                 adamw_step(
                     params,

@@ -40,6 +40,8 @@ class KFAC(KroneckerOptimizer):
         factor_dtype: Dtype of the statistics S and inverses P (None: the weight's).
         inverse_dtype: Dtype the inversion is computed in (default float32).
         init_grad_scale: As for :class:`~singd.SINGD`.
+        kl_clip: As for :class:`~singd.SINGD`.
+        grad_scaler: As for :class:`~singd.SINGD`.
         fallback: Rule for every trainable parameter without Kronecker factors
             (norm layers, raw parameters, shared/tied weights, layers whose hooks
             never fire): ``"adamw"`` (default; decoupled ``weight_decay``),
@@ -70,6 +72,8 @@ class KFAC(KroneckerOptimizer):
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype = torch.float32,
         init_grad_scale: float = 1.0,
+        kl_clip: float | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         fallback: str | None = "adamw",
         fallback_betas: tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
@@ -85,6 +89,7 @@ class KFAC(KroneckerOptimizer):
             "kfac_approx": kfac_approx,
             "factor_dtype": factor_dtype,
             "inverse_dtype": inverse_dtype,
+            "kl_clip": kl_clip,
             "fallback": fallback,
             "fallback_betas": fallback_betas,
             "fallback_eps": fallback_eps,
@@ -98,6 +103,7 @@ class KFAC(KroneckerOptimizer):
             defaults,
             warn_unsupported=warn_unsupported,
             init_grad_scale=init_grad_scale,
+            grad_scaler=grad_scaler,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -165,7 +171,10 @@ class KFAC(KroneckerOptimizer):
         self._U.clear()
         self._G.clear()
 
-    def _refresh(self, layer: Layer, group: dict[str, Any], h_c_unscale: float) -> None:
+    def _refresh(
+        self, layer: Layer, group: dict[str, Any], h_c_unscale: float
+    ) -> tuple[Tensor, Callable[[], None]]:
+        old = dict(self.layer_state(layer.name))
         state = self.layer_state(layer.name)
         beta1 = resolve_lr_cov(group["lr_cov"], self.steps)
         check_nonnegative("lr_cov", beta1)
@@ -174,6 +183,12 @@ class KFAC(KroneckerOptimizer):
         state["S_C"] = ema_update(state["S_C"], G, beta1)
         state["P_K"] = damped_inverse(state["S_K"], group["damping"], group["inverse_dtype"])
         state["P_C"] = damped_inverse(state["S_C"], group["damping"], group["inverse_dtype"])
+        finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).all()
+
+        def undo() -> None:
+            self._kfac_state[layer.name] = old
+
+        return finite, undo
 
     def _precondition(self, layer: Layer, G: Tensor) -> Tensor:
         state = self.layer_state(layer.name)

@@ -88,6 +88,13 @@ class SINGD(KroneckerOptimizer):
         normalize_lr_cov: Normalised steps on the factors:
             :math:`\beta_1 / \max(1, \|m\|_\infty)`, with momentum scaled by 1−α₁.
 
+        kl_clip: Optional bound :math:`c` on the quadratic-model KL change of a
+            step: the natural gradients of a param group are scaled by
+            :math:`\nu = \min(1, \sqrt{c / (\beta_2^2 \sum_l \langle \nabla W_l,
+            \Delta_l\rangle)})` (as KFAC implementations offer). None: no clipping.
+        grad_scaler: The ``torch.amp.GradScaler`` of the training loop, if any. It
+            supplies ``init_grad_scale``, and it is required when you call
+            ``scaler.unscale_(optimizer)`` before ``scaler.step`` (to clip).
         fallback: Rule for every trainable parameter without Kronecker factors
             (norm layers, raw parameters, shared/tied weights, layers whose hooks
             never fire): ``"adamw"`` (default; decoupled ``weight_decay``),
@@ -125,6 +132,8 @@ class SINGD(KroneckerOptimizer):
         preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
+        kl_clip: float | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         fallback: str | None = "adamw",
         fallback_betas: tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
@@ -143,6 +152,7 @@ class SINGD(KroneckerOptimizer):
             "kfac_like": kfac_like,
             "preconditioner_dtype": preconditioner_dtype,
             "normalize_lr_cov": normalize_lr_cov,
+            "kl_clip": kl_clip,
             "fallback": fallback,
             "fallback_betas": fallback_betas,
             "fallback_eps": fallback_eps,
@@ -156,6 +166,7 @@ class SINGD(KroneckerOptimizer):
             defaults,
             warn_unsupported=warn_unsupported,
             init_grad_scale=init_grad_scale,
+            grad_scaler=grad_scaler,
         )
 
     # --- hyper-parameters ----------------------------------------------------------
@@ -276,12 +287,23 @@ class SINGD(KroneckerOptimizer):
         self._H_K.clear()
         self._H_C.clear()
 
-    def _refresh(self, layer: Layer, group: dict[str, Any], h_c_unscale: float) -> None:
+    def _refresh(
+        self, layer: Layer, group: dict[str, Any], h_c_unscale: float
+    ) -> tuple[Tensor, Callable[[], None]]:
         H_K, H_C = self._H_K.pop(layer.name), self._H_C.pop(layer.name)
         hp = self._hyperparams(group, self.steps)
-        self._factors[layer.name] = update_factors(
-            self.factors(layer.name), H_K, H_C, hp, h_c_unscale
-        )
+        old = self.factors(layer.name)
+        new = update_factors(old, H_K, H_C, hp, h_c_unscale)
+        self._factors[layer.name] = new
+        factors = [f for f in (new.K, new.C, new.m_K, new.m_C) if f is not None]
+        finite = torch.stack(
+            [torch.isfinite(t).all() for f in factors for t in f.tensors().values()]
+        ).all()
+
+        def undo() -> None:
+            self._factors[layer.name] = old
+
+        return finite, undo
 
     def _precondition(self, layer: Layer, G: Tensor) -> Tensor:
         state = self.factors(layer.name)

@@ -1,0 +1,330 @@
+"""Mixed precision and the training loop: dtypes, autocast, GradScaler, clipping, compile."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from singd import KFAC, SINGD
+from tests.tolerances import TRAJECTORY_FLOAT32, tolerance
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a GPU"))]
+
+
+def net(device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 6 * 6, 16),
+        nn.LayerNorm(16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    ).to(device=device, dtype=dtype)
+
+
+def data(n: int, device: str = "cpu", seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(12, 1, 6, 6, generator=gen).to(device),
+            torch.randint(0, 5, (12,), generator=gen).to(device),
+        )
+        for _ in range(n)
+    ]
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_params_close(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> None:
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p.double(), q.double(), **tolerance(dtype))
+
+
+HYPER = {"lr": 1e-2, "T": 2, "lr_cov": 5e-2, "damping": 1e-2}
+
+
+# --- dtypes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "preconditioner_dtype",
+    [(None, None), (torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+)
+def test_dtypes_are_kept(
+    device: str, model_dtype: torch.dtype, preconditioner_dtype: tuple[torch.dtype | None, ...]
+) -> None:
+    model = net(device, model_dtype)
+    optim = SINGD(
+        model, preconditioner_dtype=preconditioner_dtype, structures=("dense", "diagonal"), **HYPER
+    )
+    for X, y in data(4, device):
+        optim.zero_grad()
+        nn.functional.cross_entropy(model(X.to(model_dtype)).float(), y).backward()
+        optim.step()
+    expected_K = preconditioner_dtype[0] or model_dtype
+    expected_C = preconditioner_dtype[1] or model_dtype
+    for name in ("0", "3", "6"):
+        state = optim.factors(name)
+        assert state.K.dtype == state.m_K.dtype == expected_K
+        assert state.C.dtype == state.m_C.dtype == expected_C
+        assert str(state.C.structure) == "diagonal"
+    for p in model.parameters():
+        assert p.dtype == model_dtype and torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize(
+    ("device", "amp_dtype"),
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="GPU")),
+        pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not CUDA, reason="GPU")),
+    ],
+)
+def test_autocast_keeps_fp32_factors_and_tracks_fp32_run(
+    device: str, amp_dtype: torch.dtype
+) -> None:
+    batches = data(6, device)
+    reference = net(device)
+    ref_optim = SINGD(reference, **HYPER)
+    for X, y in batches:
+        ref_optim.zero_grad()
+        nn.functional.cross_entropy(reference(X), y).backward()
+        ref_optim.step()
+
+    model = net(device)
+    optim = SINGD(model, **HYPER)
+    for X, y in batches:
+        optim.zero_grad()
+        with torch.autocast(device, dtype=amp_dtype):
+            loss = nn.functional.cross_entropy(model(X), y)
+            loss.backward()  # even backward and step inside autocast
+            optim.step()
+    for name in ("0", "3", "6"):
+        assert optim.factors(name).K.dtype == torch.float32
+        assert optim.factors(name).C.dtype == torch.float32
+    assert_params_close(params_of(model), params_of(reference), amp_dtype)
+
+
+# --- GradScaler -----------------------------------------------------------------------------
+
+
+def run_plain(
+    batches, *, model_dtype=torch.float32, clip: float | None = None
+) -> list[torch.Tensor]:
+    model = net(dtype=model_dtype)
+    optim = SINGD(model, **HYPER)
+    for X, y in batches:
+        optim.zero_grad()
+        nn.functional.cross_entropy(model(X.to(model_dtype)), y).backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optim.step()
+    return params_of(model)
+
+
+def test_grad_scaler_matches_unscaled_run() -> None:
+    """Power-of-two scales that change every other step cancel exactly."""
+    batches = data(8)
+    model = net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    optim = SINGD(model, grad_scaler=scaler, **HYPER)
+    scales = []
+    for X, y in batches:
+        optim.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
+        scales.append(scaler.get_scale())
+        scaler.step(optim)
+        scaler.update()
+    assert len(set(scales)) > 2  # the scale really changed
+    rtol, atol = TRAJECTORY_FLOAT32
+    for p, q in zip(params_of(model), run_plain(batches), strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+
+
+def test_injected_cyclic_scales_match_unscaled_run() -> None:
+    """The published emulation: scale the loss by s_t and announce s_t (spec §5)."""
+    batches = data(8)
+    scales = [100.0, 1e4, 100.0, 1.0]
+    model = net(dtype=torch.float64)
+    optim = SINGD(model, init_grad_scale=scales[-1], **HYPER)
+    for t, (X, y) in enumerate(batches):
+        optim.zero_grad()
+        (scales[t % 4] * nn.functional.cross_entropy(model(X.double()), y)).backward()
+        optim.set_current_grad_scale(scales[t % 4])
+        if t == 0:  # s₋₁ = 1 ≠ s₀: exact anyway, but the usual mistake is warned about
+            with pytest.warns(UserWarning, match="init_grad_scale"):
+                optim.step()
+        else:
+            optim.step()
+    assert_params_close(
+        params_of(model), run_plain(batches, model_dtype=torch.float64), torch.float64
+    )
+
+
+def test_inf_step_is_skipped_and_does_not_count() -> None:
+    batches = data(6)
+    model = net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    optim = SINGD(model, grad_scaler=scaler, **HYPER)
+    poisoned = (batches[2][0].clone(), batches[2][1])
+    poisoned[0][0, 0, 0, 0] = float("inf")
+    for i, (X, y) in enumerate([*batches[:2], poisoned, *batches[2:]]):
+        optim.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
+        if i == 2:
+            before = (params_of(model), optim.factors("3").K.to_dense().clone(), optim.steps)
+            with pytest.warns(UserWarning, match="Step 2 skipped"):
+                scaler.step(optim)
+            after = (params_of(model), optim.factors("3").K.to_dense(), optim.steps)
+            assert all(torch.equal(p, q) for p, q in zip(before[0], after[0], strict=True))
+            assert torch.equal(before[1], after[1]) and before[2] == after[2] == 2
+        else:
+            scaler.step(optim)
+        scaler.update()
+    assert optim.steps == len(batches)
+    # Same trajectory as never seeing the poisoned batch (with the halved scale after it).
+    rtol, atol = TRAJECTORY_FLOAT32
+    for p, q in zip(params_of(model), run_plain(batches), strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+
+
+def test_unscale_then_clip_then_step() -> None:
+    batches = data(6)
+    model = net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+    optim = SINGD(model, grad_scaler=scaler, **HYPER)
+    for X, y in batches:
+        optim.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
+        scaler.unscale_(optim)
+        nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        scaler.step(optim)
+        scaler.update()
+    rtol, atol = TRAJECTORY_FLOAT32
+    for p, q in zip(params_of(model), run_plain(batches, clip=0.5), strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+
+
+def test_unscale_without_attached_scaler_is_a_clear_error() -> None:
+    model = net()
+    scaler = torch.amp.GradScaler("cpu")
+    optim = SINGD(model, init_grad_scale=scaler.get_scale(), **HYPER)
+    X, y = data(1)[0]
+    scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
+    scaler.unscale_(optim)
+    with pytest.raises(RuntimeError, match=r"grad_scaler=scaler"):
+        scaler.step(optim)
+
+
+def test_init_grad_scale_mismatch_warns() -> None:
+    model = net()
+    optim = SINGD(model, **HYPER)
+    X, y = data(1)[0]
+    (1024 * nn.functional.cross_entropy(model(X), y)).backward()
+    optim.set_current_grad_scale(1024.0)
+    with pytest.warns(UserWarning, match="init_grad_scale"):
+        optim.step()
+
+
+def test_accumulation_under_autocast_and_scaler() -> None:
+    batches = data(4)
+    model = net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+    optim = SINGD(model, grad_scaler=scaler, **HYPER)
+    for X, y in batches:
+        optim.zero_grad(set_to_none=False)
+        for Xm, ym in zip(X.split(4), y.split(4), strict=True):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(Xm), ym) / 3
+            scaler.scale(loss).backward()
+        scaler.step(optim)
+        scaler.update()
+    assert_params_close(params_of(model), run_plain(batches), torch.bfloat16)
+
+
+# --- never poisoned -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optim_cls", [SINGD, KFAC])
+def test_non_finite_statistics_leave_factors_and_training_goes_on(optim_cls: type) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    optim = optim_cls(model, T=1, lr=1e-2)
+    X = torch.randn(8, 4)
+    optim.zero_grad()
+    model(X).square().mean().backward()
+    optim.step()
+    state = optim.state_dict()[optim._STATE_KEY]["layers"]["0"]
+    before = {k: v.clone() for k, v in state.items()}
+    optim.zero_grad()
+    huge = X * 1e30  # AᵀA overflows float32; the output gradient is zero, so is ∇W
+    (model(huge) * 0).sum().backward()
+    with pytest.warns(UserWarning, match=r"Layer '0'.*inf/NaN.*left as they were"):
+        optim.step()
+    after = optim.state_dict()[optim._STATE_KEY]["layers"]["0"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for _ in range(2):  # training goes on, and the warning is not repeated
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            optim.zero_grad()
+            model(X).square().mean().backward()
+            optim.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --- clipping the preconditioned update -----------------------------------------------------
+
+
+def test_kl_clip_scales_the_natural_gradient() -> None:
+    """ν = min(1, sqrt(c / (lr² Σ⟨G, Δ⟩))) multiplies every natural gradient of the group."""
+    X, y = data(1)[0]
+    lr = 0.5
+    runs = {}
+    for kl_clip in (None, 1e-6):
+        model = net(dtype=torch.float64)
+        optim = SINGD(
+            model,
+            params=[p for n, p in model.named_parameters() if not n.startswith("4")],
+            lr=lr,
+            momentum=0.0,
+            T=1,
+            kl_clip=kl_clip,
+        )
+        optim.zero_grad()
+        nn.functional.cross_entropy(model(X.double()), y).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("4")}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optim.step()
+        runs[kl_clip] = {
+            n: (before[n] - p.detach()) / lr for n, p in model.named_parameters() if n in grads
+        }
+    vg = sum((grads[n] * runs[None][n]).sum() for n in grads)  # Σ⟨G, Δ⟩ (Δ unclipped)
+    nu = min(1.0, (1e-6 / (lr**2 * vg)).sqrt().item())
+    assert nu < 0.1  # the bound is active
+    for n in grads:
+        torch.testing.assert_close(runs[1e-6][n], nu * runs[None][n], **tolerance(torch.float64))
+
+
+# --- torch.compile ---------------------------------------------------------------------------
+
+
+def test_compiled_model_matches_eager() -> None:
+    batches = data(5)
+    eager = run_plain(batches)
+    model = net()
+    compiled = torch.compile(model, backend="aot_eager")
+    optim = SINGD(model, **HYPER)
+    for X, y in batches:
+        optim.zero_grad()
+        nn.functional.cross_entropy(compiled(X), y).backward()
+        optim.step()
+    assert_params_close(params_of(model), eager, torch.float32)
