@@ -70,11 +70,23 @@ def conv_same() -> nn.Module:
     )
 
 
+def conv_modes() -> nn.Module:
+    """Reflect padding, then circular ``"same"`` padding with an even kernel width."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, (3, 2), padding="same", padding_mode="circular"),
+        nn.Flatten(),
+        nn.Linear(2 * 5 * 4, 3),
+    )
+
+
 PROBLEMS = {
     "mlp": Problem(mlp, (5,), (3,)),
     "seq": Problem(sequence, (4, 4), (4, 3)),
     "conv_strided": Problem(conv_strided, (2, 7, 7), (3,)),
     "conv_same": Problem(conv_same, (2, 5, 6), (3,)),
+    "conv_modes": Problem(conv_modes, (2, 5, 4), (3,)),
 }
 
 
@@ -141,9 +153,9 @@ SINGD_CASES: list[tuple[str, str, dict[str, Any], float]] = [
     ("ingd-mlp-a0", "mlp", {"alpha1": 0.0}, 1.0),
     ("ingd-mlp-T3", "mlp", {"T": 3}, 1.0),
     (
-        "ikfac-mlp-T3-nomomentum",
+        "ikfac-mlp-T3-nomomentum-wd",
         "mlp",
-        {"kfac_like": True, "alpha1": 0.0, "T": 3, "momentum": 0.0, "weight_decay": 0.0},
+        {"kfac_like": True, "alpha1": 0.0, "T": 3, "momentum": 0.0, "weight_decay": 0.1},
         1.0,
     ),
     ("ingd-seq-expand-batch+sequence", "seq", {"loss_average": "batch+sequence"}, 1.0),
@@ -194,7 +206,32 @@ SINGD_CASES: list[tuple[str, str, dict[str, Any], float]] = [
         },
         4.0,
     ),
-    ("ingd-conv_strided-callable-lr_cov", "conv_strided", {"lr_cov": _schedule}, 1.0),
+    ("ingd-conv_modes-expand-T3", "conv_modes", {"T": 3}, 1.0),
+    (
+        "ikfac-conv_modes-reduce-sum",
+        "conv_modes",
+        {
+            "kfac_like": True,
+            "alpha1": 0.0,
+            "kfac_approx": "reduce",
+            "loss_average": None,
+            "lr": 0.01,
+        },
+        1.0,
+    ),
+    (
+        "singd-conv_strided-diag-dense-expand",
+        "conv_strided",
+        {"structures": ("diagonal", "dense")},
+        1.0,
+    ),
+    (
+        "singd-conv_modes-diag-diag-batch+sequence",
+        "conv_modes",
+        {"structures": ("diagonal", "diagonal"), "loss_average": "batch+sequence"},
+        1.0,
+    ),
+    ("ingd-conv_strided-callable-lr_cov-T2", "conv_strided", {"lr_cov": _schedule, "T": 2}, 1.0),
     ("singd-mlp-diag-dense", "mlp", {"structures": ("diagonal", "dense")}, 1.0),
     (
         "singd-conv_same-dense-diag",
@@ -285,10 +322,66 @@ def test_kfac_like_forces_alpha1_zero() -> None:
     assert all(opt.factors(n).m_K is None for n in layers(ref))
 
 
+def _optimizer_and_oracle(
+    kind: str, model: nn.Module, ref: nn.Module, **overrides: Any
+) -> tuple[torch.optim.Optimizer, Any]:
+    """``"ingd"``, ``"ikfac"`` or ``"kfac"`` on ``model`` and its oracle on ``ref``."""
+    kwargs = {**BASE, **overrides}
+    if kind == "kfac":
+        kwargs.pop("alpha1")
+        init = kwargs.pop("init_grad_scale", 1.0)
+        hp = Hyper(**kwargs)
+        return KFAC(model, inverse_dtype=F64, init_grad_scale=init, **kwargs), DenseKFAC(ref, hp)
+    if kind == "ikfac":
+        kwargs.update(kfac_like=True, alpha1=0.0)
+    init = kwargs.pop("init_grad_scale", 1.0)
+    hp = Hyper(**kwargs)
+    return SINGD(model, init_grad_scale=init, **kwargs), DenseSINGD(ref, hp)
+
+
+@pytest.mark.parametrize("kind", ["ingd", "ikfac", "kfac"])
+def test_micro_batches_match_oracle(kind: str) -> None:
+    """Two backward passes per step: gradients and statistics add up (spec §1.6, step 7)."""
+    prob = PROBLEMS["conv_strided"]
+    model, ref = make_pair(prob)
+    opt, oracle = _optimizer_and_oracle(kind, model, ref, T=2)
+    data = batches(prob, 2 * STEPS)
+    for (X1, Y1), (X2, Y2) in zip(data[::2], data[1::2], strict=True):
+        f1, f2 = loss_fn(X1, Y1, "batch"), loss_fn(X2, Y2, "batch")
+        opt.zero_grad()
+        f1(model).backward()
+        f2(model).backward()
+        opt.step()
+        oracle.step(f1, f2)
+        compare_params(model, ref, opt, oracle)
+
+
+@pytest.mark.parametrize("kind", ["ingd", "ikfac", "kfac"])
+def test_grad_scale_matches_unscaled_oracle(kind: str) -> None:
+    """A loss scaled by a changing s_t trains exactly as the unscaled oracle.
+
+    GradScaler protocol through ``set_current_grad_scale`` (spec §1.6, §5): H_C is
+    un-scaled by u = s_{t-1}/s_t², the gradient by 1/s_t. Powers of two keep the
+    scaling exact.
+    """
+    scales = [2.0**k for k in (10, 3, 16, 0, 7, 12)]
+    prob = PROBLEMS["mlp"]
+    model, ref = make_pair(prob)
+    opt, oracle = _optimizer_and_oracle(kind, model, ref, init_grad_scale=scales[0])
+    for (X, Y), s in zip(batches(prob, STEPS), scales, strict=True):
+        f = loss_fn(X, Y, "batch")
+        opt.zero_grad()
+        (s * f(model)).backward()
+        opt.set_current_grad_scale(s)
+        opt.step()
+        oracle.step(f)
+        compare_params(model, ref, opt, oracle)
+
+
 KFAC_CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("mlp-expand-T1", "mlp", {}),
     ("seq-reduce-T2-sum", "seq", {"kfac_approx": "reduce", "T": 2, "loss_average": None}),
-    ("conv_strided-expand-callable", "conv_strided", {"lr_cov": _schedule}),
+    ("conv_strided-expand-callable-T2", "conv_strided", {"lr_cov": _schedule, "T": 2}),
     (
         "conv_same-reduce-batch+sequence-T3",
         "conv_same",

@@ -85,7 +85,7 @@ def statistics(module: nn.Module, x: Tensor, g: Tensor, hp: Hyper) -> tuple[Tens
 
 
 def capture(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> dict[str, tuple]:
-    """Zero the grads, run ``loss_fn(model).backward()``; per layer ``(input, output grad)``."""
+    """Run ``loss_fn(model).backward()`` (grads accumulate); per layer ``(input, output grad)``."""
     seen: dict[str, list] = {}
     handles = []
     for name, m in layers(model).items():
@@ -95,7 +95,6 @@ def capture(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> dict[st
             seen[name] = [args[0].detach(), out]
 
         handles.append(m.register_forward_hook(hook))
-    model.zero_grad()
     loss_fn(model).backward()
     for h in handles:
         h.remove()
@@ -138,15 +137,20 @@ class Oracle:
         raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, loss_fn: Callable[[nn.Module], Tensor]) -> None:
-        """One optimizer step on the loss ``loss_fn(model)``."""
+    def step(self, *loss_fns: Callable[[nn.Module], Tensor]) -> None:
+        """One optimizer step on the loss ``loss_fn(model)`` (summed over micro-batches).
+
+        Gradients and the statistics U, G of several ``loss_fns`` add up (spec §1.6).
+        """
+        self.model.zero_grad()
         with torch.enable_grad():
-            captured = capture(self.model, loss_fn)
+            captured = [capture(self.model, f) for f in loss_fns]
         hp = self.hp
         for name, m in layers(self.model).items():
             if self.t % hp.T == 0:
-                A, Gm = statistics(m, *captured[name], hp)
-                self.refresh(name, A.T @ A, Gm.T @ Gm)
+                stats = [statistics(m, *c[name], hp) for c in captured]
+                U, G = (sum(A.T @ A for A, _ in stats), sum(Gm.T @ Gm for _, Gm in stats))
+                self.refresh(name, U, G)
             N = self.precondition(name, grad_matrix(m))
             pairs = [(m.weight, N[:, : m.weight[0].numel()])]
             if m.bias is not None:
