@@ -289,6 +289,31 @@ def test_singd_matches_oracle(problem: str, overrides: dict[str, Any], scale: fl
     assert opt.steps == STEPS
 
 
+@pytest.mark.parametrize("kfac_like", [True, False], ids=["ikfac", "ingd"])
+def test_oracle_fixed_point(kfac_like: bool) -> None:
+    """Self-check of the oracle against the fixed points stated in spec §1.3/§1.4.
+
+    IKFAC: m_K = 0 iff K Kᵀ = (U + λI)⁻¹. INGD: m_K = 0 iff
+    K Kᵀ = (Tr̄(H_C)·U + λ Tr̄(CᵀC)·I)⁻¹. There the refresh leaves K unchanged.
+    """
+    gen = torch.Generator().manual_seed(0)
+    A, Gm = torch.randn(7, 4, generator=gen, dtype=F64), torch.randn(7, 3, generator=gen, dtype=F64)
+    U, G = A.T @ A, Gm.T @ Gm
+    hp = Hyper(kfac_like=kfac_like, damping=0.1, lr_cov=0.3)
+    oracle = DenseSINGD(nn.Linear(4, 3, bias=False).double(), hp)
+    C = torch.eye(3, dtype=F64) + 0.1 * torch.randn(3, 3, generator=gen, dtype=F64)
+    if kfac_like:
+        target = U + hp.damping * torch.eye(4, dtype=F64)
+    else:
+        tr_H_C = torch.trace(C.T @ G @ C) / 3
+        target = tr_H_C * U + hp.damping * torch.trace(C.T @ C) / 3 * torch.eye(4, dtype=F64)
+    K = torch.linalg.cholesky(torch.linalg.inv(target))
+    oracle.K[""], oracle.C[""] = K, C
+    oracle.refresh("", U, G)
+    assert_close(oracle.K[""], K)
+    assert_close(oracle.m_K[""], torch.zeros_like(K))
+
+
 def test_normalize_lr_cov_cases_normalize() -> None:
     """The ``normalize`` cases above really have ‖m‖_∞ > 1 (else they test nothing new)."""
     for case_id, problem, overrides, scale in SINGD_CASES:
