@@ -47,6 +47,19 @@ class NaiveImplementationWarning(UserWarning):
     """Raised when a structure falls back to a dense O(d²) implementation."""
 
 
+def check_size(name: str, value: object, minimum: int) -> None:
+    """Validate an integer size argument of a structure spec.
+
+    Raises:
+        TypeError: If ``value`` is not an ``int`` (``bool`` is rejected too).
+        ValueError: If ``value < minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Structure(ABC):
     """Spec of a structured matrix group: the pattern, its sizes, and factories.
@@ -272,6 +285,13 @@ class StructuredMatrix(ABC):
     def frobenius_norm(self) -> Tensor:
         r""":math:`\|M\|_F`. Dense by default: structures with tied entries override it."""
         return torch.linalg.matrix_norm(self.to_dense())
+
+    def _stored_frobenius_norm(self) -> Tensor:
+        """Euclidean norm of all stored values: :math:`\|M\|_F` when each stored value
+        is exactly one entry of :math:`M` (no ties), as for every pattern without
+        Toeplitz-like sharing."""
+        norms = [torch.linalg.vector_norm(t) for t in self._tensors.values()]
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def is_finite(self) -> bool:
         """Whether every stored entry is finite."""
