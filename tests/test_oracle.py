@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from singd import KFAC, SINGD
-from tests.reference.dense_singd import DenseKFAC, DenseSINGD, Hyper, layers
+from tests.reference.dense_singd import DenseKFAC, DenseSINGD, Hyper, Oracle, layers
 from tests.tolerances import assert_close
 
 STEPS = 6
@@ -120,7 +120,9 @@ def make_pair(problem: Problem) -> tuple[nn.Module, nn.Module]:
     return model, copy.deepcopy(model)
 
 
-def compare_params(model: nn.Module, ref: nn.Module, opt: torch.optim.Optimizer, oracle) -> None:
+def compare_params(
+    model: nn.Module, ref: nn.Module, opt: torch.optim.Optimizer, oracle: Oracle
+) -> None:
     """Parameters and heavy-ball buffers of ``model`` (optimizer) and ``ref`` (oracle)."""
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
@@ -349,7 +351,7 @@ def test_kfac_like_forces_alpha1_zero() -> None:
 
 def _optimizer_and_oracle(
     kind: str, model: nn.Module, ref: nn.Module, **overrides: Any
-) -> tuple[torch.optim.Optimizer, Any]:
+) -> tuple[torch.optim.Optimizer, Oracle]:
     """``"ingd"``, ``"ikfac"`` or ``"kfac"`` on ``model`` and its oracle on ``ref``."""
     kwargs = {**BASE, **overrides}
     if kind == "kfac":

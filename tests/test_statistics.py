@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -344,7 +345,7 @@ def conv1d_as_conv2d(conv: nn.Conv1d) -> nn.Conv2d:
     ],
     ids=["stride", "same-even-groups", "same-dilated-reflect", "circular-groups"],
 )
-def test_conv1d_patches(kwargs: dict) -> None:
+def test_conv1d_patches(kwargs: dict[str, Any]) -> None:
     """Conv1d patches = those of the equivalent Conv2d with a unit height."""
     torch.manual_seed(0)
     conv = nn.Conv1d(4, 6, **kwargs).double()
@@ -390,7 +391,7 @@ def conv3d_patches_by_loops(conv: nn.Conv3d, x: Tensor) -> Tensor:
     ],
     ids=["tuple-stride", "same-groups", "circular"],
 )
-def test_conv3d_patches(kwargs: dict) -> None:
+def test_conv3d_patches(kwargs: dict[str, Any]) -> None:
     """Conv3d patches = explicit loops (which reproduce the output for groups=1)."""
     torch.manual_seed(0)
     conv = nn.Conv3d(2, 4, **kwargs).double()

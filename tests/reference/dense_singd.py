@@ -84,15 +84,17 @@ def statistics(module: nn.Module, x: Tensor, g: Tensor, hp: Hyper) -> tuple[Tens
     return a / math.sqrt(a.shape[0]), g * math.sqrt(n_terms)
 
 
-def capture(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> dict[str, tuple]:
+def capture(
+    model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]
+) -> dict[str, tuple[Tensor, Tensor]]:
     """Run ``loss_fn(model).backward()`` (grads accumulate); per layer ``(input, output grad)``."""
-    seen: dict[str, list] = {}
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
     handles = []
     for name, m in layers(model).items():
 
-        def hook(m: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
+        def hook(m: nn.Module, args: tuple[Tensor, ...], out: Tensor, name: str = name) -> None:
             out.retain_grad()
-            seen[name] = [args[0].detach(), out]
+            seen[name] = (args[0].detach(), out)
 
         handles.append(m.register_forward_hook(hook))
     loss_fn(model).backward()
