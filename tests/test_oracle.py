@@ -233,6 +233,54 @@ SINGD_CASES: list[tuple[str, str, dict[str, Any], float]] = [
         {"structures": ("diagonal", "diagonal"), "loss_average": "batch+sequence"},
         1.0,
     ),
+    # Structures beyond dense/diagonal (spec §3); K is non-symmetric after one step, so
+    # Π̂(KᵀK) ≠ Π̂(KKᵀ) shows (spec §9 A1).
+    (
+        "singd-seq-block-block",
+        "seq",
+        {"structures": ("block_diagonal(2)", "block_diagonal(3)")},
+        1.0,
+    ),
+    (
+        "singd-mlp-hierarchical",
+        "mlp",
+        {"structures": ("hierarchical(2, 1)", "hierarchical(1, 2)")},
+        1.0,
+    ),
+    (
+        "ikfac-seq-toeplitz",
+        "seq",
+        {"kfac_like": True, "alpha1": 0.0, "structures": ("tril_toeplitz", "triu_toeplitz")},
+        1.0,
+    ),
+    (
+        "singd-mlp-rank-k-triangular",
+        "mlp",
+        {"structures": ("tril_top_left(2)", "triu_bottom_right(1)")},
+        1.0,
+    ),
+    (
+        "singd-seq-rank-k-triangular-normalize",
+        "seq",
+        {
+            "structures": ("tril_bottom_right(1)", "triu_top_left(2)"),
+            "normalize_lr_cov": True,
+            "lr_cov": 0.3,
+        },
+        4.0,
+    ),
+    (
+        "singd-conv_strided-block-hierarchical-T3",
+        "conv_strided",
+        {"structures": ("block_diagonal(4)", "hierarchical(1, 2)"), "T": 3},
+        1.0,
+    ),
+    (
+        "singd-conv_modes-toeplitz-reduce",
+        "conv_modes",
+        {"structures": ("triu_toeplitz", "tril_toeplitz"), "kfac_approx": "reduce"},
+        1.0,
+    ),
     ("ingd-conv_strided-callable-lr_cov-T2", "conv_strided", {"lr_cov": _schedule, "T": 2}, 1.0),
     ("singd-mlp-diag-dense", "mlp", {"structures": ("diagonal", "dense")}, 1.0),
     (

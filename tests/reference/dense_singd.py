@@ -1,11 +1,12 @@
 r"""A dense float64 transcription of SINGD/IKFAC and KFAC: the test oracle.
 
-Written from the spec (§1.2–1.6, §4), **not** from the library: nothing here
-imports ``singd``. Every quantity is a plain dense ``float64`` tensor; a
-structure is only a projection :math:`\hat\Pi` (identity for ``"dense"``,
-``Diag`` for ``"diagonal"``). One call of :meth:`Oracle.step` is one optimizer
-step: forward/backward with plain hooks, the statistics :math:`A, G_m`, the factor
-refresh when ``t % T == 0`` (whose *new* factors precondition this step's
+Written from the spec (§1.2–1.6, §3.3, §4), **not** from the library: nothing here
+imports ``singd``. Every quantity is a plain dense ``float64`` tensor; a structure is
+only its projection :math:`\hat\Pi` (spec §3.3: a mask of free entries, where an
+entry whose mirror is not free absorbs the mirror; Toeplitz diagonals are averaged),
+and K stays in its pattern by group closure. One call of :meth:`Oracle.step` is one
+optimizer step: forward/backward with plain hooks, the statistics :math:`A, G_m`, the
+factor refresh when ``t % T == 0`` (whose *new* factors precondition this step's
 gradient), then :math:`\mu \leftarrow \mu - \beta_2 m_\mu`.
 """
 
@@ -109,9 +110,39 @@ def grad_matrix(m: nn.Module) -> Tensor:
     return G if m.bias is None else torch.cat([G, m.bias.grad[:, None]], 1)
 
 
+def pattern(structure: str, d: int) -> Tensor:
+    """Boolean ``[d, d]`` mask of the free entries (spec §3.4–3.8; k rows/columns)."""
+    name, _, args = structure.partition("(")
+    k = [int(a) for a in args.rstrip(")").split(",") if a.strip()]
+    i, j = torch.arange(d)[:, None], torch.arange(d)[None, :]
+    if name == "hierarchical":  # [[A, B1, B2], [0, diag C, 0], [0, D, E]]
+        a = min(k[0], d)
+        e = min(k[1], d - a)
+        return (i < a) | (i == j) | ((i >= d - e) & (j >= a))
+    masks = {
+        "dense": lambda: i >= 0 * j,
+        "diagonal": lambda: i == j,
+        "block_diagonal": lambda: i // k[0] == j // k[0],
+        "tril_top_left": lambda: (i == j) | ((i >= d - k[0]) & (j <= i)),  # [[D,0],[B,L]]
+        "tril_bottom_right": lambda: (i == j) | ((j < k[0]) & (j <= i)),  # [[L,0],[B,D]]
+        "triu_top_left": lambda: (i == j) | ((j >= d - k[0]) & (i <= j)),  # [[D,B],[0,U]]
+        "triu_bottom_right": lambda: (i == j) | ((i < k[0]) & (i <= j)),  # [[U,B],[0,D]]
+    }
+    return masks[name]()
+
+
 def project(M: Tensor, structure: str) -> Tensor:
-    r""":math:`\hat\Pi`: identity (dense) or keep the diagonal (diagonal)."""
-    return M if structure == "dense" else torch.diag(torch.diagonal(M))
+    r""":math:`\hat\Pi(M)` of a symmetric ``M`` (spec §3.3)."""
+    d = M.shape[0]
+    if structure in ("tril_toeplitz", "triu_toeplitz"):  # t_k: mean of diagonal k (+ mirror)
+        T = torch.trace(M) / d * torch.eye(d, dtype=M.dtype)
+        for k in range(1, d):
+            t = (M.diagonal(-k).sum() + M.diagonal(k).sum()) / (d - k)
+            T = T + t * torch.diag(torch.ones(d - k, dtype=M.dtype), -k)
+        return T if structure == "tril_toeplitz" else T.T
+    P = pattern(structure, d)
+    lonely = P & ~P.T  # free, but its mirror is not: it absorbs the mirror's value
+    return torch.where(P, M + torch.where(lonely, M.T, torch.zeros_like(M)), torch.zeros_like(M))
 
 
 def avg_tr(M: Tensor) -> Tensor:
