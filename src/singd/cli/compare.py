@@ -1,8 +1,9 @@
 """``singd compare``: every optimizer × precision on digits, one table and two plots.
 
 All runs use the same model initialisation, mini-batch order, number of epochs
-and batch size. Ratios are against SGD *in the same precision*; memory is
-parameters + optimizer state (:mod:`singd.cli.measure`), ms/step the mean wall
+and batch size, and train round-robin, one step of each in turn, so that machine
+noise affects all alike. Ratios are against SGD *in the same precision*; memory
+is parameters + optimizer state (:mod:`singd.cli.measure`), ms/step the mean wall
 time of a step (refresh steps included).
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from singd.cli.data import DATASETS, DatasetNotFoundError, load_dataset
+from singd.cli.data import DATASETS, DatasetError, load_dataset
 from singd.cli.optimizers import CHEAP_STRUCTURES, OPTIMIZERS, compare_specs
 from singd.cli.options import (
     CLIError,
@@ -28,7 +29,7 @@ from singd.cli.options import (
 )
 from singd.cli.plots import plot_accuracy_vs_time, plot_loss_curves
 from singd.cli.report import Column, render, to_json
-from singd.cli.runs import PRECISIONS, Precision, RunResult, run_training
+from singd.cli.runs import PRECISIONS, Precision, Run, RunResult, train_interleaved
 
 #: Epochs of a full and of a ``--quick`` comparison.
 EPOCHS, QUICK_EPOCHS = 20, 6
@@ -103,6 +104,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=positive_int,
         help=f"epochs per run (default: {EPOCHS}, --quick {QUICK_EPOCHS})",
     )
+    group.add_argument(
+        "--T",
+        type=positive_int,
+        dest="T",
+        help="refresh interval of every Kronecker method (default: each one's tuned value, "
+        "see `singd train --help`)",
+    )
     group.add_argument("--batch-size", type=positive_int, default=64, help="(default: 64)")
     group.add_argument("--seed", type=int, default=0, help="(default: 0)")
     group.add_argument(
@@ -157,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     try:
         data = load_dataset(args.dataset, args.data_dir)
-    except DatasetNotFoundError as error:
+    except DatasetError as error:
         raise CLIError(str(error)) from error
-    specs = [s for s in compare_specs(args.structures) if s.name in args.optimizers]
+    specs = [s for s in compare_specs(args.structures, args.T) if s.name in args.optimizers]
     if not specs:
         raise CLIError("Nothing to run: --optimizers/--structures select no optimizer.")
     precisions = [Precision(p) for p in dict.fromkeys(args.precisions)]
@@ -171,24 +179,24 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     start = time.perf_counter()
-    results: list[RunResult] = []
     total = len(specs) * len(precisions) * steps_per_run
     with tqdm(total=total, unit="step", disable=args.no_progress, file=sys.stderr) as bar:
-        for precision in precisions:
-            for spec in specs:
-                bar.set_description(f"{spec.label} ({precision.name})")
-                result = run_training(
-                    spec,
-                    data,
-                    precision,
-                    epochs=epochs,
-                    batch_size=args.batch_size,
-                    seed=args.seed,
-                    device=device,
-                    on_step=bar.update,
-                )
-                bar.update(steps_per_run - result.steps)  # a diverged run stops early
-                results.append(result)
+        bar.set_description("building")
+        runs = [
+            Run(
+                spec,
+                data,
+                precision,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                device=device,
+            )
+            for precision in precisions
+            for spec in specs
+        ]
+        bar.set_description("training (round-robin)")
+        results = train_interleaved(runs, epochs, on_step=bar.update)
+        bar.update(total - bar.n)  # diverged runs stop early
     rows = summary_rows(results)
     args.out.mkdir(parents=True, exist_ok=True)
     loss_png = plot_loss_curves(results, args.out / "loss_curves.png")

@@ -44,7 +44,11 @@ _CIFAR_LAYOUT = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetError(Exception):
+    """A dataset cannot be loaded (missing or unreadable files)."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
     """A dataset that must be read from disk is not where the user said."""
 
 
@@ -88,6 +92,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     Raises:
         ValueError: For an unknown name.
         DatasetNotFoundError: If a CIFAR folder is missing or incomplete.
+        DatasetError: If a CIFAR file is not in the expected format.
     """
     if name == "digits":
         return load_digits()
@@ -127,6 +132,9 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how Python 3's protocol 2 stores bytes
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -138,10 +146,13 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_file(path: Path, label_key: bytes) -> tuple[Tensor, Tensor]:
-    with path.open("rb") as f:
-        batch = _ArrayUnpickler(f, encoding="bytes").load()
-    images = torch.as_tensor(batch[b"data"]).reshape(-1, 3, 32, 32)
-    labels = torch.as_tensor(batch[label_key], dtype=torch.int64)
+    try:
+        with path.open("rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        images = torch.as_tensor(batch[b"data"]).reshape(-1, 3, 32, 32)
+        labels = torch.as_tensor(batch[label_key], dtype=torch.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DatasetError(f"{str(path)!r} is not a CIFAR file in the python format: {e}") from e
     return images, labels
 
 
@@ -170,6 +181,7 @@ def load_cifar(name: str, data_dir: str | Path) -> Dataset:
 
     Raises:
         DatasetNotFoundError: If the files are missing.
+        DatasetError: If a file is not in the expected format.
     """
     folder = cifar_folder(name, data_dir)
     _, train_files, test_file, label_key = _CIFAR_LAYOUT[name]

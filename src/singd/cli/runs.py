@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -245,6 +245,109 @@ class Trainer:
         return evaluate(self.model, self.X_train, self.y_train, self.precision)[0]
 
 
+class Run:
+    """One optimizer's training run on a fresh :func:`~singd.cli.models.image_cnn`.
+
+    The model is initialised from ``seed``, so runs with the same seed start from
+    the same weights and see the same mini-batches. Runs advance one step at a time
+    (:meth:`epoch_steps`), so :func:`train_interleaved` can alternate between them.
+
+    Args:
+        spec: The optimizer.
+        data: The dataset.
+        precision: The precision mode.
+        batch_size: Mini-batch size.
+        seed: Seed of initialisation and batch order.
+        device: Where to train.
+        evals_per_epoch: Test-accuracy evaluations per epoch (for the time plot).
+    """
+
+    def __init__(
+        self,
+        spec: OptimizerSpec,
+        data: Dataset,
+        precision: Precision,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        evals_per_epoch: int = 4,
+    ) -> None:
+        self.spec = spec
+        self.precision = precision
+        torch.manual_seed(seed)
+        self.trainer = Trainer(
+            image_cnn(data.image_shape, data.num_classes),
+            lambda m: build_optimizer(spec, m, preconditioner_dtype=precision.preconditioner_dtype),
+            data,
+            precision,
+            device,
+            batch_size,
+            seed,
+        )
+        self.every = max(1, self.trainer.steps_per_epoch() // max(1, evals_per_epoch))
+        self.losses: list[float] = []
+        self.evals = [EvalPoint(0, 0.0, self.trainer.test()[1])]
+        self.diverged = False
+
+    def epoch_steps(self, epoch: int) -> Iterator[None]:
+        """Train one epoch, yielding after every step; stops for good at a non-finite loss."""
+        if self.diverged:
+            return
+        for loss in self.trainer.epoch(epoch):
+            self.losses.append(loss)
+            if not math.isfinite(loss):
+                self.diverged = True
+                return
+            if self.trainer.steps % self.every == 0:
+                self._evaluate()
+            yield
+
+    def _evaluate(self) -> float:
+        accuracy = self.trainer.test()[1]
+        self.evals.append(EvalPoint(self.trainer.steps, self.trainer.train_seconds, accuracy))
+        return accuracy
+
+    def result(self) -> RunResult:
+        """The run's :class:`RunResult` (evaluates the final model)."""
+        last = self.evals[-1]
+        accuracy = last.accuracy if last.step == self.trainer.steps else self._evaluate()
+        return RunResult(
+            label=self.spec.label,
+            precision=self.precision.name,
+            losses=self.losses,
+            evals=self.evals,
+            train_seconds=self.trainer.train_seconds,
+            final_loss=float("nan") if self.diverged else self.trainer.train_loss(),
+            test_accuracy=accuracy,
+            param_bytes=parameter_bytes(self.trainer.model),
+            state_bytes=optimizer_state_bytes(self.trainer.optimizer),
+            diverged=self.diverged,
+        )
+
+
+def train_interleaved(
+    runs: Sequence[Run], epochs: int, on_step: Callable[[], None] | None = None
+) -> list[RunResult]:
+    """Train every run for ``epochs``, one step of each in turn (round-robin).
+
+    Alternating at every step spreads slow phases of the machine (other processes,
+    frequency changes) evenly over the runs, so their ms/step stay comparable.
+    """
+    done = object()
+    for epoch in range(epochs):
+        active = [run.epoch_steps(epoch) for run in runs]
+        while active:
+            still = []
+            for steps in active:
+                if next(steps, done) is not done:
+                    still.append(steps)
+                    if on_step is not None:
+                        on_step()
+            active = still
+    return [run.result() for run in runs]
+
+
 def run_training(
     spec: OptimizerSpec,
     data: Dataset,
@@ -257,51 +360,14 @@ def run_training(
     evals_per_epoch: int = 4,
     on_step: Callable[[], None] | None = None,
 ) -> RunResult:
-    """Train a fresh :func:`~singd.cli.models.image_cnn` with ``spec`` and report.
-
-    The model is initialised from ``seed``, so every optimizer starts from the same
-    weights and sees the same mini-batches. A non-finite loss stops the run
-    (``diverged``).
-    """
-    torch.manual_seed(seed)
-    model = image_cnn(data.image_shape, data.num_classes)
-    trainer = Trainer(
-        model,
-        lambda m: build_optimizer(spec, m, preconditioner_dtype=precision.preconditioner_dtype),
+    """Train a fresh :func:`~singd.cli.models.image_cnn` with ``spec`` alone (see :class:`Run`)."""
+    run = Run(
+        spec,
         data,
         precision,
-        device,
-        batch_size,
-        seed,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        evals_per_epoch=evals_per_epoch,
     )
-    every = max(1, trainer.steps_per_epoch() // max(1, evals_per_epoch))
-    losses: list[float] = []
-    evals = [EvalPoint(0, 0.0, trainer.test()[1])]
-    diverged = False
-    for epoch in range(epochs):
-        for loss in trainer.epoch(epoch):
-            losses.append(loss)
-            if on_step is not None:
-                on_step()
-            if not math.isfinite(loss):
-                diverged = True
-                break
-            if trainer.steps % every == 0:
-                evals.append(EvalPoint(trainer.steps, trainer.train_seconds, trainer.test()[1]))
-        if diverged:
-            break
-    accuracy = trainer.test()[1]
-    if evals[-1].step != trainer.steps:
-        evals.append(EvalPoint(trainer.steps, trainer.train_seconds, accuracy))
-    return RunResult(
-        label=spec.label,
-        precision=precision.name,
-        losses=losses,
-        evals=evals,
-        train_seconds=trainer.train_seconds,
-        final_loss=float("nan") if diverged else trainer.train_loss(),
-        test_accuracy=accuracy,
-        param_bytes=parameter_bytes(trainer.model),
-        state_bytes=optimizer_state_bytes(trainer.optimizer),
-        diverged=diverged,
-    )
+    return train_interleaved([run], epochs, on_step)[0]

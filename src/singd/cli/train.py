@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from singd.cli.data import DATASETS, DatasetNotFoundError, load_dataset
+from singd.cli.data import DATASETS, DatasetError, load_dataset
 from singd.cli.models import image_cnn
 from singd.cli.optimizers import (
     DEFAULT_HYPERPARAMETERS,
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(error)) from error
     try:
         data = load_dataset(settings["dataset"], args.data_dir)
-    except DatasetNotFoundError as error:
+    except DatasetError as error:
         raise CLIError(str(error)) from error
     precision = Precision(settings["precision"])
     torch.manual_seed(settings["seed"])

@@ -1,0 +1,446 @@
+"""Smoke and error-path tests of the ``singd`` command and ``benchmarks/step_time.py``.
+
+The command runs in-process through :func:`singd.cli.main` with tiny budgets (large
+batches, one epoch, one timed round); one test runs the installed console script.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from singd.cli import main
+from singd.cli.measure import optimizer_state_bytes, parameter_bytes, unique_storage_bytes
+from singd.cli.optimizers import OptimizerSpec, every_structure, usable_structures
+from singd.cli.report import Column, markdown_table, to_json
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Fast settings shared by the training commands: 6 steps per digits epoch, no bar.
+FAST = ["--batch-size", "256", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``singd argv`` in-process; return (exit status, stdout, stderr)."""
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_png_by_matplotlib(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE), f"{path} is not a PNG"
+    assert b"Matplotlib" in data[:200], f"{path} was not written by matplotlib"
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert height > 100 and width > 100
+
+
+# --- help and argument errors -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ([], ["train", "compare", "overhead", "--version"]),
+        (["train"], ["--optimizer", "--structure", "--precision", "--save", "--resume", "--T"]),
+        (["compare"], ["--quick", "--optimizers", "--structures", "--precisions", "--out"]),
+        (["overhead"], ["--quick", "--rounds", "--T", "--width", "--precision", "--format"]),
+    ],
+)
+def test_help_explains_every_option(
+    capsys: pytest.CaptureFixture[str], command: list[str], options: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in options:
+        assert option in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--lr", "-1"], "expected a number > 0"),
+        (["train", "--lr", "fast"], "expected a number > 0, got 'fast'"),
+        (["train", "--momentum", "1.5"], "expected a number in [0, 1)"),
+        (["train", "--epochs", "0"], "expected a positive integer"),
+        (["train", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
+        (["train", "--structure", "nonsense"], "unknown structure 'nonsense'; valid: "),
+        (["train", "--device", "tpu"], "unknown device 'tpu'"),
+        (["compare", "--format", "xml"], "invalid choice: 'xml'"),
+        (["compare", "--precisions", "float8"], "invalid choice: 'float8'"),
+        (["overhead", "--T", "0"], "expected a positive integer"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "required: COMMAND"),
+    ],
+)
+def test_bad_options_are_explained(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--optimizer", "sgd", "--damping", "0.1"], "sgd does not take damping"),
+        (["--optimizer", "adamw", "--structure", "diagonal"], "Only the singd optimizer"),
+        (["--dataset", "cifar10"], "cifar10 is not bundled"),
+        (["--resume", "missing.pt"], "--resume: no checkpoint at"),
+    ],
+)
+def test_inconsistent_requests_fail_with_status_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    status, out, err = run_cli(capsys, "train", *FAST, *argv)
+    assert status == 2
+    assert f"singd train: error: {message}" in err
+    assert out == ""
+
+
+def test_missing_cifar_folder_names_the_expected_files(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, _, err = run_cli(
+        capsys, "train", *FAST, "--dataset", "cifar100", "--data-dir", str(tmp_path)
+    )
+    assert status == 2
+    assert "cifar100 not found" in err
+    assert "cifar-100-python" in err and "never downloads" in err
+
+
+# --- train ------------------------------------------------------------------------------
+
+
+def test_train_prints_a_row_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_cli(capsys, "train", *FAST, "--epochs", "2")
+    assert status == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split("|")[1:-1] == [
+        " epoch ",
+        " train loss ",
+        " test loss ",
+        " test acc [%] ",
+        " ms/step ",
+    ]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["1", "2"]
+    assert "SINGD-diagonal on digits (float32, cpu)" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--optimizer", "adamw", "--precision", "bfloat16"],
+        ["--optimizer", "kfac", "--precision", "bf16-autocast"],
+        ["--optimizer", "ingd", "--T", "2", "--lr", "0.02"],
+    ],
+)
+def test_train_json_for_optimizers_and_precisions(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    status, out, _ = run_cli(capsys, "train", *FAST, "--epochs", "1", "--format", "json", *argv)
+    assert status == 0
+    report = json.loads(out)
+    assert report["settings"]["optimizer"] == argv[1]
+    (row,) = report["rows"]
+    assert 0.0 <= row["test_accuracy"] <= 100.0
+    assert row["ms_per_step"] > 0
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "run.pt"
+    common = [*FAST, "--format", "json", "--optimizer", "singd", "--structure", "dense"]
+    status, out, _ = run_cli(capsys, "train", *common, "--epochs", "2")
+    assert status == 0
+    straight = json.loads(out)["rows"]
+
+    status, _, _ = run_cli(capsys, "train", *common, "--epochs", "1", "--save", str(ckpt))
+    assert status == 0
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["epoch"] == 1 and saved["settings"]["structure"] == "dense"
+    # Settings come from the checkpoint: no --optimizer/--structure needed.
+    status, out, _ = run_cli(
+        capsys, "train", *FAST, "--format", "json", "--epochs", "2", "--resume", str(ckpt)
+    )
+    assert status == 0
+    resumed = json.loads(out)["rows"]
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        assert resumed[1][key] == straight[1][key]
+
+
+def test_resume_rejects_contradicting_options(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "run.pt"
+    assert run_cli(capsys, "train", *FAST, "--epochs", "1", "--save", str(ckpt))[0] == 0
+    status, _, err = run_cli(
+        capsys, "train", *FAST, "--resume", str(ckpt), "--optimizer", "sgd", "--lr", "0.1"
+    )
+    assert status == 2
+    assert "contradict the checkpoint" in err
+    assert "--optimizer sgd (checkpoint: singd)" in err
+
+
+def test_resume_rejects_foreign_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    status, _, err = run_cli(capsys, "train", *FAST, "--resume", str(path))
+    assert status == 2
+    assert "is not a checkpoint of `singd train`" in err
+
+
+def _write_fake_cifar10(root: Path, per_file: int = 8) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, per_file).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+def test_train_on_local_cifar10(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    _write_fake_cifar10(tmp_path)
+    status, out, _ = run_cli(
+        capsys,
+        "train",
+        *FAST,
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--format",
+        "csv",
+    )
+    assert status == 0
+    (row,) = list(csv.DictReader(io.StringIO(out)))
+    assert row["epoch"] == "1"
+    assert float(row["test_accuracy"]) in {100.0 * k / 8 for k in range(9)}
+
+
+def test_cifar_files_cannot_run_code(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    folder = _write_fake_cifar10(tmp_path)
+
+    class Exploit:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (print, ("pwned",))
+
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Exploit()}))
+    status, out, err = run_cli(
+        capsys, "train", *FAST, "--dataset", "cifar10", "--data-dir", str(tmp_path)
+    )
+    assert status == 2
+    assert "is not a CIFAR file in the python format: Refusing to load builtins.print" in err
+    assert "pwned" not in out
+
+
+# --- compare ----------------------------------------------------------------------------
+
+
+def test_compare_writes_plots_and_parseable_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, out, err = run_cli(
+        capsys,
+        "compare",
+        *FAST,
+        "--epochs",
+        "1",
+        "--optimizers",
+        "sgd",
+        "kfac",
+        "singd",
+        "--structures",
+        "diagonal",
+        "--out",
+        str(tmp_path),
+        "--format",
+        "json",
+    )
+    assert status == 0
+    report = json.loads(out)
+    rows = {(r["optimizer"], r["precision"]): r for r in report["rows"]}
+    labels = ("SGD", "KFAC", "SINGD-diagonal")
+    assert set(rows) == {(o, p) for o in labels for p in ("float32", "bfloat16")}
+    for precision in ("float32", "bfloat16"):
+        assert rows["SGD", precision]["time_ratio"] == 1.0
+        assert rows["SGD", precision]["memory_ratio"] == 1.0
+    # bfloat16 halves every byte of parameters and state.
+    assert rows["SGD", "bfloat16"]["memory_kib"] == rows["SGD", "float32"]["memory_kib"] / 2
+    for name in ("loss_curves.png", "accuracy_vs_time.png"):
+        assert_png_by_matplotlib(tmp_path / name)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["curves"]) == 6
+    assert all(len(c["losses"]) == 6 for c in saved["curves"])
+    assert "wrote" in err
+
+
+def test_compare_table_has_a_row_per_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, out, _ = run_cli(
+        capsys,
+        "compare",
+        *FAST,
+        "--epochs",
+        "1",
+        "--optimizers",
+        "sgd",
+        "adamw",
+        "--precisions",
+        "float32",
+        "--out",
+        str(tmp_path),
+    )
+    assert status == 0
+    lines = out.strip().splitlines()
+    assert "| optimizer" in lines[0] and "memory ×SGD" in lines[0]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["SGD", "AdamW"]
+
+
+@pytest.mark.slow
+def test_compare_quick_finishes_within_90_seconds(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    assert main(["compare", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert time.perf_counter() - start < 90
+    assert_png_by_matplotlib(tmp_path / "loss_curves.png")
+
+
+# --- overhead ---------------------------------------------------------------------------
+
+
+def test_overhead_lists_the_posters_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    tiny = ["--rounds", "1", "--warmup", "0", "--T", "2", "--width", "0.25", "--batch-size", "4"]
+    tiny += ["--threads", "1"]
+    status, out, _ = run_cli(capsys, "overhead", *tiny, "--no-progress", "--format", "json")
+    assert status == 0
+    report = json.loads(out)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["SGD", "AdamW", "SINGD-Diag", "IKFAC", "INGD", "KFAC (fp32)"]
+    assert rows["KFAC (fp32)"]["poster_time_ratio"] == 4.49
+    assert rows["KFAC (fp32)"]["precision"] == "float32"
+    assert rows["SGD"]["memory_ratio"] == rows["SGD"]["time_ratio"] == 1.0
+    # Dense factors need more memory than diagonal ones.
+    assert rows["INGD"]["memory_ratio"] > rows["SINGD-Diag"]["memory_ratio"]
+    assert "saved activations" in report["memory"]
+
+
+# --- console script and benchmark ---------------------------------------------------
+
+
+def test_console_script_is_installed() -> None:
+    exe = shutil.which("singd")
+    assert exe is not None, "the `singd` console script is missing: pip install -e '.[cli]'"
+    result = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.startswith("singd ")
+
+
+def _load_benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("step_time", REPO / "benchmarks/step_time.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_quick_mode_writes_markdown(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bench = _load_benchmark()
+    out = tmp_path / "bench.md"
+    argv = ["--quick", "--repeats", "1", "--scenarios", "mlp", "--optimizers", "sgd", "singd"]
+    argv += ["--structures", "diagonal", "--T", "1", "10", "--no-progress", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert torch.get_num_threads() == 1
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    assert "## mlp: MLP 784-512-512-10, batch 128" in text
+    assert "| SINGD-diagonal |" in text and "×SGD T=10" in text
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def test_structures_that_do_not_parse_are_skipped() -> None:
+    assert usable_structures(["diagonal", "not_a_structure", "diagonal()", "dense"]) == [
+        "diagonal",
+        "dense",
+    ]
+    assert {"dense", "diagonal"} <= set(every_structure())
+
+
+def test_state_bytes_walk_every_tensor_once() -> None:
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    assert optimizer_state_bytes(optimizer) == parameter_bytes(model) == 4 * (12 + 3)
+    t = torch.zeros(10)
+    assert unique_storage_bytes([t, t[:5], t]) == 40
+
+
+def test_optimizer_spec_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="Valid: sgd, adamw"):
+        OptimizerSpec("lbfgs")
+    with pytest.raises(ValueError, match="needs a structure"):
+        OptimizerSpec("singd")
+
+
+def test_table_and_json_rendering() -> None:
+    rows = [{"name": "a", "value": 1.23456}, {"name": "bb", "value": float("nan")}]
+    table = markdown_table(rows, [Column("name", "name"), Column("value", "value", ".2f")])
+    assert table.splitlines() == [
+        "| name | value |",
+        "| ---- | ----: |",
+        "| a    |  1.23 |",
+        "| bb   |   nan |",
+    ]
+    assert json.loads(to_json(rows))[1]["value"] is None
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "singd.cli", "overhead", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0
+    assert "poster" in result.stdout
