@@ -287,7 +287,7 @@ class StructuredMatrix(ABC):
         return torch.linalg.matrix_norm(self.to_dense())
 
     def _stored_frobenius_norm(self) -> Tensor:
-        """Euclidean norm of all stored values: :math:`\|M\|_F` when each stored value
+        r"""Euclidean norm of all stored values: :math:`\|M\|_F` when each stored value
         is exactly one entry of :math:`M` (no ties), as for every pattern without
         Toeplitz-like sharing."""
         norms = [torch.linalg.vector_norm(t) for t in self._tensors.values()]

@@ -111,20 +111,22 @@ def gram_diagonal_sums(X: Tensor, t: Tensor | None = None, transpose: bool = Fal
     r""":math:`c_k = \sum_i (S S^\top)_{i+k,\,i}`, :math:`k = 0..d-1`, for ``X`` ``[d, n]``.
 
     :math:`S = X`, or :math:`S = T(t) X` (:math:`T(t)^\top X` with ``transpose``), which is
-    never stored beyond one chunk of columns. Returned in the FFT dtype (float32 for
-    half precision).
+    never stored beyond one chunk of columns. Returned in float64.
     """
     d = X.shape[0]
     L = fft_length(2 * d - 1)
     work = _work_dtype(X.dtype)
     t_hat = None if t is None else _coefficient_spectrum(t, L, transpose, work)
-    power = torch.zeros(L // 2 + 1, dtype=work, device=X.device)
+    # The power spectrum is summed in float64: the sums c_k are then divided by the
+    # counts d-k, which amplifies the (norm-wise) round-off of the last lags up to 2d
+    # times; a float32 sum over the columns gave 10× the error of a dense float32 Gram.
+    power = torch.zeros(2 * (L // 2 + 1), dtype=torch.float64, device=X.device)
     for _, rows in _column_chunks(X, L, work):
         if t_hat is not None:
             rows = torch.fft.irfft(torch.fft.rfft(rows, n=L, dim=1) * t_hat, n=L, dim=1)[:, :d]
-        spectrum = torch.view_as_real(torch.fft.rfft(rows, n=L, dim=1))
-        power += spectrum.square().sum((0, 2))
-    return torch.fft.irfft(power, n=L)[:d]
+        spectrum = torch.view_as_real(torch.fft.rfft(rows, n=L, dim=1)).reshape(rows.shape[0], -1)
+        power += spectrum.square().sum(0, dtype=torch.float64)
+    return torch.fft.irfft(power.view(-1, 2).sum(1), n=L)[:d]
 
 
 def _coefficients_from_diagonal_sums(c: Tensor) -> Tensor:
@@ -208,14 +210,16 @@ class ToeplitzMatrix(StructuredMatrix):
     def matmul(self, other: ToeplitzMatrix) -> ToeplitzMatrix:
         self._check_same(other)
         # T(t) T(s) = T(T(t) s); transposes commute the same way
-        s = other.coeffs.to(self.dtype).unsqueeze(1)
-        return self._like({"coeffs": toeplitz_matmat(self.coeffs, s)[:, 0].contiguous()})
+        # d-vectors: float64 keeps the FFT's norm-wise round-off off the small coefficients
+        t, s = self.coeffs.double(), other.coeffs.double().unsqueeze(1)
+        return self._like({"coeffs": toeplitz_matmat(t, s)[:, 0].to(self.dtype)})
 
     def from_inner(self, X: Tensor | None = None) -> ToeplitzMatrix:
         t = self.coeffs
         if X is None:
-            # c_k = sum_{u>=k} (d-u) t_u t_{u-k} = (T(t)^T w)_k with w_u = (d-u) t_u
-            t = t.to(_work_dtype(t.dtype))
+            # c_k = sum_{u>=k} (d-u) t_u t_{u-k} = (T(t)^T w)_k with w_u = (d-u) t_u;
+            # in float64 because c_k is divided by d-k (see gram_diagonal_sums)
+            t = t.double()
             w = t * torch.arange(self.dim, 0, -1, dtype=t.dtype, device=t.device)
             c = toeplitz_matmat(t, w.unsqueeze(1), transpose=True)[:, 0]
         else:

@@ -1,0 +1,250 @@
+"""The structured-matrix contract, for every registered structure, against a dense oracle.
+
+One suite: each case is (spec, d, dtype) from :mod:`tests.structures.cases`; every
+operation is compared with its dense float64 value on the same (rounded) inputs,
+projected by :mod:`tests.structures.dense_reference` where the result is structured.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from singd.structures import (
+    NaiveImplementationWarning,
+    available_structures,
+    parse_structure,
+)
+from singd.structures.registry import _STRUCTURES
+from tests.structures.cases import (
+    DIMS,
+    DTYPES,
+    SPECS,
+    assert_close_scaled,
+    check_stored,
+    generator,
+    random_columns,
+    random_structured,
+    random_symmetric,
+)
+from tests.structures.dense_reference import PATTERNS, project
+
+CASES = list(itertools.product(SPECS, DIMS, DTYPES))
+
+
+def _case_id(case) -> str:
+    spec, d, dtype = case
+    return f"{spec}-d{d}-{str(dtype).removeprefix('torch.')}"
+
+
+@pytest.fixture(params=CASES, ids=[_case_id(c) for c in CASES])
+def case(request):
+    spec, d, dtype = request.param
+    return spec, d, dtype, generator(str(spec), d, dtype)
+
+
+def test_from_dense_is_the_projection(case):
+    spec, d, dtype, gen = case
+    S = random_symmetric(d, gen).to(dtype)
+    M = spec.from_dense(S)
+    check_stored(M, spec, d, dtype)
+    assert_close_scaled(M.to_dense(), project(spec, S.double()), dtype)
+
+
+def test_from_dense_is_identity_on_the_structure_and_to_dense_roundtrips(case):
+    spec, d, dtype, gen = case
+    K, K_dense = random_structured(spec, d, dtype, gen)
+    check_stored(K, spec, d, dtype)
+    assert_close_scaled(K.to_dense(), K_dense, dtype)
+    assert_close_scaled(spec.from_dense(K.to_dense()).to_dense(), K_dense, dtype)
+
+
+def test_matmul_is_closed(case):
+    spec, d, dtype, gen = case
+    A, A_dense = random_structured(spec, d, dtype, gen)
+    B, B_dense = random_structured(spec, d, dtype, gen)
+    AB = A @ B
+    check_stored(AB, spec, d, dtype)
+    product = AB.to_dense().double()
+    assert_close_scaled(product, A_dense @ B_dense, dtype)
+    # in the structure: the projection (identity on the pattern) keeps it
+    assert_close_scaled(project(spec, product), product, torch.float64)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["matmat", "rmatmat"])
+def test_matmat(case, transpose):
+    spec, d, dtype, gen = case
+    K, K_dense = random_structured(spec, d, dtype, gen)
+    X = random_columns(d, d + 3, dtype, gen)
+    out = K.rmatmat(X) if transpose else K.matmat(X)
+    assert out.shape == X.shape and out.dtype == dtype
+    expected = (K_dense.T if transpose else K_dense) @ X.double()
+    assert_close_scaled(out, expected, dtype)
+    if not transpose:
+        assert_close_scaled(K @ X, expected, dtype)
+
+
+@pytest.mark.parametrize("n", ["few", "many"])
+def test_from_inner(case, n):
+    """Π̂(Kᵀ X Xᵀ K) with fewer and with more than 2d columns (dense picks its route by it)."""
+    spec, d, dtype, gen = case
+    K, K_dense = random_structured(spec, d, dtype, gen)
+    X = random_columns(d, 3 if n == "few" else 2 * d + 5, dtype, gen)
+    H = K.from_inner(X)
+    check_stored(H, spec, d, dtype)
+    S = K_dense.T @ X.double()
+    assert_close_scaled(H.to_dense(), project(spec, S @ S.T), dtype)
+
+
+def test_from_inner_without_X(case):
+    """Π̂(KᵀK), not Π̂(KKᵀ) (spec §9 A1): K is non-symmetric."""
+    spec, d, dtype, gen = case
+    K, K_dense = random_structured(spec, d, dtype, gen)
+    H = K.from_inner()
+    check_stored(H, spec, d, dtype)
+    assert_close_scaled(H.to_dense(), project(spec, K_dense.T @ K_dense), dtype)
+
+
+def test_from_mat_inner(case):
+    spec, d, dtype, gen = case
+    X = random_columns(d, 2 * d + 1, dtype, gen)
+    H = spec.from_mat_inner(X)
+    check_stored(H, spec, d, dtype)
+    assert_close_scaled(H.to_dense(), project(spec, X.double() @ X.double().T), dtype)
+
+
+def test_diagonal_and_traces(case):
+    spec, d, dtype, gen = case
+    K, K_dense = random_structured(spec, d, dtype, gen)
+    assert_close_scaled(K.diagonal(), K_dense.diagonal(), dtype)
+    assert_close_scaled(K.trace(), K_dense.trace(), dtype)
+    assert_close_scaled(K.average_trace(), K_dense.trace() / d, dtype)
+
+
+def test_diag_add_is_in_place(case):
+    spec, d, dtype, gen = case
+    K, K_dense = random_structured(spec, d, dtype, gen)
+    storage = {k: v.data_ptr() for k, v in K.tensors().items()}
+    assert K.diag_add_(0.75) is K
+    assert {k: v.data_ptr() for k, v in K.tensors().items()} == storage
+    check_stored(K, spec, d, dtype)
+    assert_close_scaled(K.to_dense(), K_dense + 0.75 * torch.eye(d, dtype=torch.float64), dtype)
+
+
+def test_add_and_mul(case):
+    spec, d, dtype, gen = case
+    A, A_dense = random_structured(spec, d, dtype, gen)
+    B, B_dense = random_structured(spec, d, torch.float64, gen)  # add_ casts other dtypes
+
+    assert_close_scaled((A + B).to_dense(), A_dense + B_dense, dtype)
+    assert_close_scaled((A - B).to_dense(), A_dense - B_dense, dtype)
+    assert_close_scaled((A * 2.5).to_dense(), 2.5 * A_dense, dtype)
+    assert_close_scaled((2.5 * A).to_dense(), 2.5 * A_dense, dtype)
+    assert_close_scaled(A.to_dense(), A_dense, dtype)  # out-of-place left A alone
+
+    storage = {k: v.data_ptr() for k, v in A.tensors().items()}
+    assert A.add_(B, alpha=-0.5) is A
+    assert A.mul_(3.0) is A
+    assert {k: v.data_ptr() for k, v in A.tensors().items()} == storage
+    check_stored(A, spec, d, dtype)
+    assert_close_scaled(A.to_dense(), 3.0 * (A_dense - 0.5 * B_dense), dtype)
+
+
+def test_norms(case):
+    spec, d, dtype, gen = case
+    K, K_dense = random_structured(spec, d, dtype, gen)
+    assert_close_scaled(K.frobenius_norm(), torch.linalg.matrix_norm(K_dense), dtype)
+    # the largest |entry| of the matrix (not an induced norm)
+    assert_close_scaled(K.infinity_vector_norm(), K_dense.abs().max(), dtype)
+
+
+def test_eye_and_zeros(case):
+    spec, d, dtype, _ = case
+    device = torch.device("cpu")
+    eye = spec.eye(d, dtype=dtype, device=device)
+    zeros = spec.zeros(d, dtype=dtype, device=device)
+    for M in (eye, zeros):
+        check_stored(M, spec, d, dtype)
+        assert M.device == device
+    assert torch.equal(eye.to_dense().double(), torch.eye(d, dtype=torch.float64))
+    assert torch.equal(zeros.to_dense().double(), torch.zeros(d, d, dtype=torch.float64))
+    assert spec.num_stored(d) == zeros.numel()
+
+
+def test_from_tensors_roundtrip(case):
+    spec, d, dtype, gen = case
+    K, _ = random_structured(spec, d, dtype, gen)
+    copy = spec.from_tensors(d, {k: v.clone() for k, v in K.tensors().items()})
+    check_stored(copy, spec, d, dtype)
+    assert torch.equal(copy.to_dense(), K.to_dense())
+    wrong = {k: torch.zeros(v.numel() + 1, dtype=dtype) for k, v in K.tensors().items()}
+    with pytest.raises(ValueError, match="do not describe"):
+        spec.from_tensors(d, wrong)
+
+
+# --- names ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_canonical_name_roundtrips(spec):
+    assert parse_structure(str(spec)) == spec
+    assert parse_structure(spec) is spec
+
+
+@pytest.mark.parametrize(
+    ("alias", "canonical"),
+    [
+        ("dense", "dense"),
+        ("diagonal", "diagonal"),
+        ("block30diagonal", "block_diagonal(30)"),
+        ("block3diagonal", "block_diagonal(3)"),
+        ("hierarchical15_15", "hierarchical(15, 15)"),
+        ("hierarchical3_2", "hierarchical(3, 2)"),
+        ("triltoeplitz", "tril_toeplitz"),
+        ("triutoeplitz", "triu_toeplitz"),
+        ("triltopleftdiagonal", "tril_top_left(1)"),
+        ("trilbottomrightdiagonal", "tril_bottom_right(1)"),
+        ("triutopleftdiagonal", "triu_top_left(1)"),
+        ("triubottomrightdiagonal", "triu_bottom_right(1)"),
+        ("block_diagonal(block_size=7)", "block_diagonal(7)"),
+        ("hierarchical(k1=4, k2=1)", "hierarchical(4, 1)"),
+        ("tril_top_left(rank=2)", "tril_top_left(2)"),
+    ],
+)
+def test_published_aliases_and_keywords(alias, canonical):
+    spec = parse_structure(alias)
+    assert str(spec) == canonical
+    assert parse_structure(canonical) == spec
+
+
+@pytest.mark.parametrize(
+    "bad", ["block_diagonal(0)", "hierarchical(-1, 2)", "tril_top_left(0)", "block_diagonal(2.5)"]
+)
+def test_invalid_sizes_are_rejected(bad):
+    with pytest.raises(ValueError, match="Invalid arguments"):
+        parse_structure(bad)
+
+
+def test_unknown_name_lists_every_structure():
+    with pytest.raises(ValueError, match="Unknown structure") as error:
+        parse_structure("tridiagonal")
+    message = str(error.value)
+    for name in [*_STRUCTURES, "block30diagonal", "hierarchical15_15", "triltoeplitz"]:
+        assert name in message
+    assert set(available_structures()) >= {"dense", "diagonal", "block_diagonal(block_size)"}
+
+
+def test_every_registered_structure_is_covered():
+    """The suite and the oracle know every registered class (add new ones to both)."""
+    ours = {name: cls for name, cls in _STRUCTURES.items() if cls.__module__.startswith("singd.")}
+    assert {type(spec) for spec in SPECS} >= set(ours.values())
+    assert set(PATTERNS) >= set(ours)
+
+
+def test_no_dense_fallback_warning_is_configured():
+    """The suite runs with NaiveImplementationWarning as an error (pyproject)."""
+    with pytest.raises(NaiveImplementationWarning):
+        warnings.warn("probe", NaiveImplementationWarning, stacklevel=1)
