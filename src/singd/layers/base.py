@@ -62,11 +62,21 @@ class LayerAdapter(ABC):
     def input_diagonal(self, module: nn.Module, x: Tensor, approx: str) -> Tensor:
         r""":math:`\operatorname{diag}(A^\top A)`, all a diagonal K needs from the input.
 
-        The default forms :math:`A`; adapters override it where the diagonal is
-        cheaper than the matrix (convolutions, embeddings).
+        Sums of squares over the weight-sharing format, without forming :math:`A`
+        (no bias-column copy); adapters override it where even that format is
+        costly (convolutions sum over the batch before gathering patches,
+        embeddings count tokens).
         """
-        A = input_matrix(self, module, x, approx)
-        return (A * A).sum(0)
+        if approx == "expand":
+            shared = self.shared_inputs(module, x)
+            rows = shared.shape[0] * shared.shape[1]
+            diag = shared.square().sum((0, 1)) / rows
+        else:
+            reduced = self.reduced_inputs(module, x)
+            diag = reduced.square().sum(0) / reduced.shape[0]
+        if self.parameters(module)[1] is not None:
+            diag = torch.cat([diag, diag.new_ones(1)])
+        return diag
 
     def reduced_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
         """The input averaged over shared positions, ``[B, d_in]`` (KFAC-reduce).
@@ -114,10 +124,25 @@ def grad_output_matrix(
 ) -> Tensor:
     """The processed output gradient :math:`G_m` ``[rows, d_o]`` for ``G = G_mᵀG_m``."""
     shared = adapter.shared_grad_outputs(module, g)
-    batch, positions = shared.shape[0], shared.shape[1]
-    num_loss_terms = {None: 1, "batch": batch, "batch+sequence": batch * positions}[loss_average]
     gm = shared.flatten(0, 1) if approx == "expand" else shared.sum(1)
-    return gm * math.sqrt(num_loss_terms)
+    return gm * math.sqrt(num_loss_terms(shared, loss_average))
+
+
+def grad_output_diagonal(
+    adapter: LayerAdapter, module: nn.Module, g: Tensor, approx: str, loss_average: str | None
+) -> Tensor:
+    """:math:`\operatorname{diag}(G_m^\top G_m)`, all a diagonal C needs, without forming
+    :math:`G_m` (no transposed copy of convolution gradients)."""
+    shared = adapter.shared_grad_outputs(module, g)
+    summed = shared if approx == "expand" else shared.sum(1, keepdim=True)
+    squares = summed.square().sum((0, 1))
+    return squares * num_loss_terms(shared, loss_average)
+
+
+def num_loss_terms(shared: Tensor, loss_average: str | None) -> int:
+    """Loss terms of a batch in weight-sharing format ``[B, R, …]``: 1, B or B·R."""
+    batch, positions = shared.shape[0], shared.shape[1]
+    return {None: 1, "batch": batch, "batch+sequence": batch * positions}[loss_average]
 
 
 _ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}

@@ -100,14 +100,21 @@ class ConvAdapter(LayerAdapter):
         return g.flatten(2).transpose(1, 2)  # [B, R, C_out]
 
     def input_diagonal(self, module: nn.modules.conv._ConvNd, x: Tensor, approx: str) -> Tensor:
-        """``diag(AᵀA)`` from sums of squares of the kernel slices (expand), no unfolding."""
+        """``diag(AᵀA)`` without unfolding: square, sum over the batch, then gather.
+
+        Expand only (reduce averages patches first). Squaring commutes with every
+        padding mode (padded entries are zeros or copies of input entries), so the
+        batch-summed squares are padded and sliced instead of the input itself.
+        """
         if approx != "expand":
             return super().input_diagonal(module, x, approx)
-        x = pad_input(module, group_averaged_input(module, self._unbatched(module, x)))
-        slices = kernel_slices(module, x)
-        rows = slices[0].shape[0] * slices[0][0, 0].numel()
-        squares = torch.stack([s.square().sum([0, *range(2, s.ndim)]) for s in slices], dim=1)
-        diag = squares.flatten() / rows  # [c·K], channel-major like the weight
+        x = group_averaged_input(module, self._unbatched(module, x))
+        rows = x.shape[0]
+        squares = pad_input(module, x.square().sum(0, keepdim=True))  # [1, c, *I]
+        slices = kernel_slices(module, squares)
+        rows *= slices[0][0, 0].numel()
+        sums = torch.stack([s.sum(list(range(2, s.ndim)))[0] for s in slices], dim=1)
+        diag = sums.flatten() / rows  # [c·K], channel-major like the weight
         if module.bias is not None:
             diag = torch.cat([diag, diag.new_ones(1)])
         return diag
