@@ -3,11 +3,11 @@ r"""Dense factors: the unstructured group GL(d) (INGD = SINGD-dense).
 Storage: the full ``[d, d]`` matrix. Projection :math:`\hat\Pi` is the identity.
 
 Cost of :math:`\hat\Pi(K^\top X X^\top K)` for ``X`` of shape ``[d, n]``: the plain
-route :math:`S = K^\top X,\ S S^\top` takes :math:`d^2 n + \tfrac12 d^2 n` multiply-adds
-(the Gram matrix of a product is symmetric, so only its lower half is computed, see
-:func:`symmetric_gram`). With many columns, :math:`K^\top (X X^\top) K` is cheaper:
-:math:`\tfrac12 d^2 n + 2 d^3`, i.e. whenever :math:`n > 2d` (typical: ``n`` counts
-samples times convolution positions).
+route :math:`S = K^\top X,\ S S^\top` takes :math:`d^2 n + \tfrac12 d^2 n`
+multiply-adds (the Gram matrix is symmetric, so only its lower half is computed, see
+:func:`singd.structures._linalg.symmetric_gram`). With many columns,
+:math:`K^\top (X X^\top) K` is cheaper: :math:`\tfrac12 d^2 n + 2 d^3`, i.e. whenever
+:math:`n > 2d` (typical: ``n`` counts samples times convolution positions).
 """
 
 from __future__ import annotations
@@ -17,40 +17,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from singd.structures._linalg import symmetric_gram
 from singd.structures.base import Structure, StructuredMatrix
-
-#: Below this size a Gram block is one matrix product: splitting it further saves
-#: fewer multiply-adds than the extra calls cost.
-_GRAM_LEAF = 128
-
-
-def symmetric_gram(X: Tensor) -> Tensor:
-    r""":math:`X X^\top` for ``X`` of shape ``[d, n]``, computing only its lower half.
-
-    The rows are halved recursively: the two diagonal blocks recurse and the
-    off-diagonal block :math:`X_2 X_1^\top` is one product whose transpose fills the
-    upper half. About :math:`\tfrac12 d^2 n` multiply-adds instead of :math:`d^2 n`.
-    The result is exactly symmetric.
-    """
-    d = X.shape[0]
-    out = X.new_empty(d, d)
-    _gram_into(X, out)
-    return out
-
-
-def _gram_into(X: Tensor, out: Tensor) -> None:
-    d = X.shape[0]
-    if d <= _GRAM_LEAF:
-        G = X @ X.T
-        # a single GEMM is symmetric only up to round-off; keep the result exactly so
-        out.copy_(G.tril() + G.tril(-1).T)
-        return
-    h = d // 2
-    _gram_into(X[:h], out[:h, :h])
-    _gram_into(X[h:], out[h:, h:])
-    off = X[h:] @ X[:h].T
-    out[h:, :h] = off
-    out[:h, h:] = off.T
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from singd.structures._linalg import row_sum_of_squares
 from singd.structures.base import Structure, StructuredMatrix
 
 
@@ -25,7 +26,7 @@ class Diagonal(Structure):
         return DiagonalMatrix(self, sym.shape[0], {"diag": sym.diagonal().clone()})
 
     def from_mat_inner(self, X: Tensor) -> DiagonalMatrix:
-        return DiagonalMatrix(self, X.shape[0], {"diag": (X * X).sum(1)})
+        return DiagonalMatrix(self, X.shape[0], {"diag": row_sum_of_squares(X)})
 
     def zeros(self, dim, *, dtype=None, device=None) -> DiagonalMatrix:
         return DiagonalMatrix(self, dim, {"diag": torch.zeros(dim, dtype=dtype, device=device)})
@@ -54,7 +55,8 @@ class DiagonalMatrix(StructuredMatrix):
     def from_inner(self, X: Tensor | None = None) -> DiagonalMatrix:
         if X is None:
             return self._like({"diag": self.diag**2})
-        return self.structure.from_mat_inner(self.matmat(X))
+        # k² ⊙ rowsum(X∘X): K X is never formed
+        return self._like({"diag": self.diag.square() * row_sum_of_squares(X.to(self.dtype))})
 
     def diagonal(self) -> Tensor:
         return self.diag.clone()

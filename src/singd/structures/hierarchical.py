@@ -57,6 +57,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from singd.structures._linalg import row_sum_of_squares
 from singd.structures.base import Structure, StructuredMatrix, check_size
 
 
@@ -116,9 +117,15 @@ def _split_z(X: Tensor, a: int, c: int) -> tuple[Tensor, Tensor]:
     return torch.cat([X[:a], X[a + c :]]), X[a : a + c]
 
 
-def _join_z(Y_Z: Tensor, Y_C: Tensor, a: int) -> Tensor:
-    """Inverse of :func:`_split_z`: rows in the order A, C, E."""
-    return torch.cat([Y_Z[:a], Y_C, Y_Z[a:]])
+def _join_z(Y_Z: Tensor, C: Tensor, X_C: Tensor, a: int) -> Tensor:
+    r"""Rows in the order A, C, E from :math:`Y_{\mathcal Z}` and :math:`Y_{\mathcal C} =
+    \operatorname{diag}(C) X_{\mathcal C}`, the latter written in place (no temporary)."""
+    c = X_C.shape[0]
+    out = Y_Z.new_empty(Y_Z.shape[0] + c, Y_Z.shape[1])
+    out[:a] = Y_Z[:a]
+    torch.mul(C.unsqueeze(1), X_C, out=out[a : a + c])
+    out[a + c :] = Y_Z[a:]
+    return out
 
 
 def _gram_pieces(structure: Hierarchical, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -128,7 +135,7 @@ def _gram_pieces(structure: Hierarchical, X: Tensor) -> tuple[Tensor, Tensor, Te
     X_Z, X_C = _split_z(X, a, c)
     P = X_Z @ X.T  # [z, d]: the Z rows of X X^T
     M_ZZ = torch.cat([P[:, :a], P[:, a + c :]], dim=1)
-    return M_ZZ, P[:, a : a + c], X_C.square().sum(1)
+    return M_ZZ, P[:, a : a + c], row_sum_of_squares(X_C)
 
 
 def _project(
@@ -198,13 +205,15 @@ class HierarchicalMatrix(StructuredMatrix):
         a, c, _ = self._sizes()
         K_ZZ, W, C = self._pieces()
         X_Z, X_C = _split_z(X.to(self.dtype), a, c)
-        return _join_z(K_ZZ @ X_Z + W @ X_C, C.unsqueeze(1) * X_C, a)
+        return _join_z(torch.addmm(K_ZZ @ X_Z, W, X_C), C, X_C, a)
 
     def rmatmat(self, X: Tensor) -> Tensor:
         a, c, _ = self._sizes()
         K_ZZ, W, C = self._pieces()
         X_Z, X_C = _split_z(X.to(self.dtype), a, c)
-        return _join_z(K_ZZ.T @ X_Z, W.T @ X_Z + C.unsqueeze(1) * X_C, a)
+        out = _join_z(K_ZZ.T @ X_Z, C, X_C, a)
+        out[a : a + c].addmm_(W.T, X_Z)  # S_C = diag(C) X_C + Wᵀ X_Z
+        return out
 
     def matmul(self, other: HierarchicalMatrix) -> HierarchicalMatrix:
         self._check_same(other)

@@ -58,6 +58,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from singd.structures._linalg import row_sum_of_squares
 from singd.structures._orientation import flip_both, flip_rows
 from singd.structures.base import Structure, StructuredMatrix, check_size
 
@@ -91,7 +92,7 @@ class _DiagonalBlock:
     @staticmethod
     def project_gram(Y: Tensor) -> Tensor:
         """:math:`\\hat\\Pi(Y Y^\\top)`: the row sums of :math:`Y^2`."""
-        return Y.square().sum(1)
+        return row_sum_of_squares(Y)
 
     @staticmethod
     def project_inner(v: Tensor, B: Tensor) -> Tensor:
