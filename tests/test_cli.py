@@ -333,6 +333,17 @@ def test_compare_table_has_a_row_per_run(
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["SGD", "AdamW"]
 
 
+def test_compare_refuses_an_output_path_that_is_a_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    status, out, err = run_cli(capsys, "compare", *FAST, "--epochs", "1", "--out", str(blocker))
+    assert status == 2
+    assert "cannot be used as a folder" in err
+    assert out == ""
+
+
 @pytest.mark.slow
 def test_compare_quick_finishes_within_90_seconds(tmp_path: Path) -> None:
     start = time.perf_counter()

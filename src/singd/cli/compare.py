@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``singd compare``; returns the exit status.
 
     Raises:
-        CLIError: For missing data or an empty selection.
+        CLIError: For missing data, an empty selection or an unusable ``--out``.
     """
     apply_threads(args)
     device = args.device
@@ -170,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
     specs = [s for s in compare_specs(args.structures, args.T) if s.name in args.optimizers]
     if not specs:
         raise CLIError("Nothing to run: --optimizers/--structures select no optimizer.")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)  # fail before training, not after
+    except OSError as error:
+        raise CLIError(f"--out {str(args.out)!r} cannot be used as a folder: {error}") from error
     precisions = [Precision(p) for p in dict.fromkeys(args.precisions)]
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
     steps_per_run = epochs * math.ceil(len(data.X_train) / args.batch_size)
@@ -198,7 +202,6 @@ def run(args: argparse.Namespace) -> int:
         results = train_interleaved(runs, epochs, on_step=bar.update)
         bar.update(total - bar.n)  # diverged runs stop early
     rows = summary_rows(results)
-    args.out.mkdir(parents=True, exist_ok=True)
     loss_png = plot_loss_curves(results, args.out / "loss_curves.png")
     accuracy_png = plot_accuracy_vs_time(results, args.out / "accuracy_vs_time.png")
     settings = {
