@@ -59,6 +59,16 @@ class LayerAdapter(ABC):
     def shared_grad_outputs(self, module: nn.Module, g: Tensor) -> Tensor:
         """The output gradient in weight-sharing format ``[B, R, d_o]``."""
 
+    def expanded_input_matrix(self, module: nn.Module, x: Tensor) -> Tensor:
+        """KFAC-expand's :math:`A = [x \,|\, 1] / \sqrt{BR}`, ``[B·R, d_K]``.
+
+        Override when the weight-sharing format is costly to copy (convolutions).
+        """
+        a = self.shared_inputs(module, x).flatten(0, 1)
+        if self.parameters(module)[1] is not None:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        return a / math.sqrt(a.shape[0])
+
     def input_diagonal(self, module: nn.Module, x: Tensor, approx: str) -> Tensor:
         r""":math:`\operatorname{diag}(A^\top A)`, all a diagonal K needs from the input.
 
@@ -111,9 +121,8 @@ class LayerAdapter(ABC):
 def input_matrix(adapter: LayerAdapter, module: nn.Module, x: Tensor, approx: str) -> Tensor:
     """The processed input :math:`A` ``[rows, d_K]`` for ``U = AᵀA`` (module docstring)."""
     if approx == "expand":
-        a = adapter.shared_inputs(module, x).flatten(0, 1)
-    else:
-        a = adapter.reduced_inputs(module, x)
+        return adapter.expanded_input_matrix(module, x)
+    a = adapter.reduced_inputs(module, x)
     if adapter.parameters(module)[1] is not None:
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
     return a / math.sqrt(a.shape[0])

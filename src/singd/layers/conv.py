@@ -16,6 +16,7 @@ kernel-offset row-major, the order of ``weight.flatten(1)`` and ``F.unfold``.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +57,16 @@ def group_averaged_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], module.groups, -1, *x.shape[2:]).mean(1)
 
 
-def kernel_slices(module: nn.modules.conv._ConvNd, x_padded: Tensor) -> list[Tensor]:
-    """For each kernel offset (row-major), the input entries it multiplies: ``[B, c, *O]``."""
-    spatial = x_padded.shape[2:]
+def kernel_slices(
+    module: nn.modules.conv._ConvNd, x_padded: Tensor, channels_last: bool = False
+) -> list[Tensor]:
+    """For each kernel offset (row-major), the input entries it multiplies (views).
+
+    ``[B, c, *O]`` slices of a ``[B, c, *I]`` input, or ``[B, *O, c]`` slices of a
+    channels-last ``[B, *I, c]`` input.
+    """
+    first = 1 if channels_last else 2
+    spatial = x_padded.shape[first : first + len(module.kernel_size)]
     outs = [
         (size - d * (k - 1) - 1) // s + 1
         for size, k, d, s in zip(
@@ -67,7 +75,7 @@ def kernel_slices(module: nn.modules.conv._ConvNd, x_padded: Tensor) -> list[Ten
     ]
     slices = []
     for offset in itertools.product(*(range(k) for k in module.kernel_size)):
-        index = [slice(None), slice(None)]
+        index = [slice(None)] * first
         for o, d, s, n in zip(offset, module.dilation, module.stride, outs, strict=True):
             index.append(slice(o * d, o * d + s * (n - 1) + 1, s))
         slices.append(x_padded[tuple(index)])
@@ -94,6 +102,25 @@ class ConvAdapter(LayerAdapter):
         patches = torch.stack(kernel_slices(module, x), dim=2)  # [B, c, K, *O]
         patches = patches.flatten(1, 2).flatten(2)  # [B, c·K, R]
         return patches.transpose(1, 2)
+
+    def expanded_input_matrix(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+        """KFAC-expand's patch matrix written in one pass (the hook's largest tensor).
+
+        Channels-last views of the padded input are scaled straight into the
+        preallocated ``[B·R, c·K (+1)]`` result: no unfold, transpose or concat copies.
+        """
+        x = pad_input(module, group_averaged_input(module, self._unbatched(module, x)))
+        slices = kernel_slices(module, x.movedim(1, -1), channels_last=True)  # [B, *O, c]
+        c, K, bias = x.shape[1], len(slices), module.bias is not None
+        rows = slices[0].shape[:-1].numel()
+        scale = 1.0 / math.sqrt(rows)
+        A = x.new_empty(rows, c * K + bias)
+        patches = A[:, : c * K].view(*slices[0].shape[:-1], c, K)
+        for k, s in enumerate(slices):
+            torch.mul(s, scale, out=patches[..., k])
+        if bias:
+            A[:, -1] = scale
+        return A
 
     def shared_grad_outputs(self, module: nn.modules.conv._ConvNd, g: Tensor) -> Tensor:
         g = self._unbatched(module, g)
