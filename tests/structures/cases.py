@@ -47,6 +47,18 @@ DIMS = [1, 2, 5, 7, 17, 30, 64]
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
+#: Structures with more than one code path by size: every case runs each path, the
+#: threshold forced to 0 for the large-``d`` one (module attribute, value).
+ROUTES: dict[str, dict[str, tuple[str, int] | None]] = {
+    "tril_toeplitz": {"direct": None, "fft": ("singd.structures.toeplitz.DIRECT_MAX_DIM", 0)},
+    "triu_toeplitz": {"direct": None, "fft": ("singd.structures.toeplitz.DIRECT_MAX_DIM", 0)},
+}
+
+
+def routes(spec: Structure) -> dict[str, tuple[str, int] | None]:
+    """The code paths of ``spec`` to test (``{"default": None}`` for one path)."""
+    return ROUTES.get(spec.name, {"default": None})
+
 
 def generator(*key: object) -> torch.Generator:
     """A generator seeded by the test case, so every case has its own fixed inputs."""

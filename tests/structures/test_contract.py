@@ -29,20 +29,29 @@ from tests.structures.cases import (
     random_columns,
     random_structured,
     random_symmetric,
+    routes,
 )
 from tests.structures.dense_reference import PATTERNS, project
 
-CASES = list(itertools.product(SPECS, DIMS, DTYPES))
+CASES = [
+    (spec, d, dtype, route)
+    for spec, d, dtype in itertools.product(SPECS, DIMS, DTYPES)
+    for route in routes(spec)
+]
 
 
 def _case_id(case) -> str:
-    spec, d, dtype = case
-    return f"{spec}-d{d}-{str(dtype).removeprefix('torch.')}"
+    spec, d, dtype, route = case
+    suffix = "" if route == "default" else f"-{route}"
+    return f"{spec}-d{d}-{str(dtype).removeprefix('torch.')}{suffix}"
 
 
 @pytest.fixture(params=CASES, ids=[_case_id(c) for c in CASES])
-def case(request):
-    spec, d, dtype = request.param
+def case(request, monkeypatch):
+    spec, d, dtype, route = request.param
+    setting = routes(spec)[route]
+    if setting is not None:
+        monkeypatch.setattr(*setting)
     return spec, d, dtype, generator(str(spec), d, dtype)
 
 

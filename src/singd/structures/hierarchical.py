@@ -114,6 +114,8 @@ def _z_index(d: int, a: int, c: int, device: torch.device) -> Tensor:
 
 def _split_z(X: Tensor, a: int, c: int) -> tuple[Tensor, Tensor]:
     """Rows of ``X`` as :math:`X_{\\mathcal Z}` (a copy) and :math:`X_{\\mathcal C}` (a view)."""
+    if c == 0:  # d <= k1 + k2: Z is everything, no copy
+        return X, X[a:a]
     return torch.cat([X[:a], X[a + c :]]), X[a : a + c]
 
 
@@ -121,6 +123,8 @@ def _join_z(Y_Z: Tensor, C: Tensor, X_C: Tensor, a: int) -> Tensor:
     r"""Rows in the order A, C, E from :math:`Y_{\mathcal Z}` and :math:`Y_{\mathcal C} =
     \operatorname{diag}(C) X_{\mathcal C}`, the latter written in place (no temporary)."""
     c = X_C.shape[0]
+    if c == 0:
+        return Y_Z
     out = Y_Z.new_empty(Y_Z.shape[0] + c, Y_Z.shape[1])
     out[:a] = Y_Z[:a]
     torch.mul(C.unsqueeze(1), X_C, out=out[a : a + c])
@@ -212,7 +216,8 @@ class HierarchicalMatrix(StructuredMatrix):
         K_ZZ, W, C = self._pieces()
         X_Z, X_C = _split_z(X.to(self.dtype), a, c)
         out = _join_z(K_ZZ.T @ X_Z, C, X_C, a)
-        out[a : a + c].addmm_(W.T, X_Z)  # S_C = diag(C) X_C + Wᵀ X_Z
+        if c > 0:
+            out[a : a + c].addmm_(W.T, X_Z)  # S_C = diag(C) X_C + Wᵀ X_Z
         return out
 
     def matmul(self, other: HierarchicalMatrix) -> HierarchicalMatrix:
