@@ -81,6 +81,10 @@ def test_matmul_is_closed(case):
     assert_close_scaled(product, A_dense @ B_dense, dtype)
     # in the structure: the projection (identity on the pattern) keeps it
     assert_close_scaled(project(spec, product), product, torch.float64)
+    # another dtype is cast to ours (like add_)
+    mixed = A @ B.to(torch.float64)
+    check_stored(mixed, spec, d, dtype)
+    assert_close_scaled(mixed.to_dense(), A_dense @ B_dense, dtype)
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["matmat", "rmatmat"])

@@ -50,7 +50,7 @@ class DiagonalMatrix(StructuredMatrix):
 
     def matmul(self, other: DiagonalMatrix) -> DiagonalMatrix:
         self._check_same(other)
-        return self._like({"diag": self.diag * other.diag})
+        return self._like({"diag": self.diag * other.diag.to(self.dtype)})
 
     def from_inner(self, X: Tensor | None = None) -> DiagonalMatrix:
         if X is None:

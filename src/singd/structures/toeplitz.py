@@ -247,7 +247,7 @@ class ToeplitzMatrix(StructuredMatrix):
         # T(t) T(s) = T(T(t) s); transposes commute the same way
         # d-vectors: float64 keeps the FFT's norm-wise round-off off the small coefficients
         t, s = self.coeffs.double(), other.coeffs.double().unsqueeze(1)
-        return self._like({"coeffs": toeplitz_matmat(t, s)[:, 0].to(self.dtype)})
+        return self._like({"coeffs": toeplitz_matmat(t, s)[:, 0].to(self.dtype).contiguous()})
 
     def from_inner(self, X: Tensor | None = None) -> ToeplitzMatrix:
         t = self.coeffs
