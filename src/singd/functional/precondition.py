@@ -21,11 +21,16 @@ import torch
 from torch import Tensor
 
 from singd.structures.base import StructuredMatrix
+from singd.structures.diagonal import DiagonalMatrix
 
 
 def natural_gradient(K: StructuredMatrix, C: StructuredMatrix, G: Tensor) -> Tensor:
     r""":math:`C C^\top G K K^\top` for ``G`` of shape ``[d_o, d_K]``, in ``G``'s dtype."""
     out_dtype = G.dtype
+    if isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix) and K.dtype == C.dtype:
+        # Both diagonal: one elementwise pass, c² kᵀ² ⊙ G (memory-bound on the weights).
+        outer = C.diag.square().unsqueeze(1) * K.diag.square().unsqueeze(0)
+        return (G.to(K.dtype) * outer).to(out_dtype)
     N = K.matmat(K.rmatmat(G.T.to(K.dtype))).T
     N = C.matmat(C.rmatmat(N.to(C.dtype)))
     return N.to(out_dtype)
