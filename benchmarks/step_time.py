@@ -228,6 +228,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _shown_arguments(argv: Sequence[str] | None) -> list[str]:
+    """The command-line arguments without ``--out PATH`` (where the report goes)."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    if "--out" in args:
+        i = args.index("--out")
+        del args[i : i + 2]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print (and optionally write) the Markdown report."""
     args = parse_args(argv)
@@ -242,9 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"torch {torch.__version__}, 1 CPU thread, {platform.machine()} "
         f"{platform.processor() or ''}".rstrip()
         + f"; median of {repeats} rounds of {ROUND_STEPS} steps after {warmup} warm-up round; "
-        "state = tensors in `optimizer.state_dict()`. Produced by `python "
-        + " ".join(["benchmarks/step_time.py", *(argv if argv is not None else sys.argv[1:])])
-        + "`.",
+        "state = tensors in `optimizer.state_dict()`. Produced by `"
+        + " ".join(["python benchmarks/step_time.py", *_shown_arguments(argv)])
+        + "`; a machine shared with other jobs makes single numbers noisy, the ratios "
+        "within one table less so.",
     ]
     total = len(args.scenarios) * len(args.t_values) * len(specs) * repeats
     with tqdm(total=total, unit="round", disable=args.no_progress, file=sys.stderr) as bar:

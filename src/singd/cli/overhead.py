@@ -131,7 +131,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="precision of all methods but KFAC (always float32): 'auto' = bf16-autocast on "
         "a GPU, float32 on a CPU (default: auto)",
     )
-    add_run_options(parser)
+    add_run_options(
+        parser,
+        default_threads=1,
+        threads_note="; steadier CPU timings on a busy machine, like benchmarks/step_time.py",
+    )
     parser.set_defaults(run=run)
     return parser
 
