@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "compare",
         help="compare SGD, AdamW, KFAC, IKFAC, INGD and SINGD-* in float32 and bfloat16",
-        description="Train the same CNN with every optimizer and precision (same "
-        "initialisation, batches and budget), print a table (final training loss, test "
-        "accuracy, ms/step and memory as ratios to SGD of the same precision) and write "
-        "loss_curves.png, accuracy_vs_time.png and results.json to --out. Memory = "
-        "parameters + every tensor in the optimizer's state_dict.",
+        description=textwrap.fill(
+            "Train the same CNN with every optimizer and precision (same "
+            "initialisation, batches and budget), print a table (final training loss, test "
+            "accuracy, ms/step and memory as ratios to SGD of the same precision) and write "
+            "loss_curves.png, accuracy_vs_time.png and results.json to --out. Memory = "
+            "parameters + every tensor in the optimizer's state_dict."
+        ),
         epilog="examples:\n  singd compare --quick\n"
         "  singd compare --optimizers sgd singd --structures diagonal dense --epochs 20\n"
         "  singd compare --quick --format json > results.json",
@@ -111,8 +114,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="refresh interval of every Kronecker method (default: each one's tuned value, "
         "see `singd train --help`)",
     )
-    group.add_argument("--batch-size", type=positive_int, default=64, help="(default: 64)")
-    group.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    group.add_argument(
+        "--batch-size", type=positive_int, default=64, help="mini-batch size (default: 64)"
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the (shared) initialisation and batch order (default: 0)",
+    )
     group.add_argument(
         "--out",
         type=Path,

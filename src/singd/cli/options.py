@@ -93,7 +93,8 @@ def device(text: str) -> torch.device:
 def add_hyperparameter_options(parser: argparse.ArgumentParser) -> None:
     """``--lr``, ``--momentum``, … with defaults of None (= the optimizer's default)."""
     group = parser.add_argument_group(
-        "hyper-parameters (default: the optimizer's tuned value, see `singd train --help`)"
+        "hyper-parameters (default: the optimizer's tuned value, listed at the end of "
+        "`singd train --help`)"
     )
     group.add_argument("--lr", type=positive_float, help="learning rate (β₂ in the paper)")
     group.add_argument(

@@ -83,6 +83,21 @@ COLUMNS = (
     Column("memory_mib", "memory [MiB]", ".1f"),
 )
 
+DESCRIPTION = """\
+Measure memory and time relative to SGD for the poster's methods (SGD, AdamW,
+SINGD-Diag, IKFAC, INGD, KFAC) on a VGG-style CNN with random CIFAR-100-shaped
+batches (3x32x32 inputs, 100 classes), and print the poster's figures beside
+them.
+
+time:      median over rounds of T consecutive steps (one factor refresh per
+           round), the methods timed round-robin
+memory:    on a GPU, the peak allocated CUDA memory of a round (parameters,
+           gradients, activations, optimizer state), as on the poster; on a
+           CPU, the estimate parameters + gradients + activations saved for
+           backward + optimizer state
+precision: as on the poster, bf16 autocast for all but KFAC (float32) on a
+           GPU; float32 for all on a CPU (see --precision)"""
+
 #: Timed rounds and warm-up rounds of a full and of a ``--quick`` run.
 ROUNDS, QUICK_ROUNDS = 7, 2
 
@@ -92,7 +107,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "overhead",
         help="memory and time relative to SGD on a VGG-style CNN, beside the poster's table",
-        description=(__doc__ or "").split("\n\n", 1)[1],
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="poster (memory ×SGD / time ×SGD): "
         + ", ".join(f"{k} {m:.2f}/{t:.2f}" for k, (m, t) in POSTER.items()),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,11 @@ def _defaults_epilog() -> str:
         lines.append(f"  {name:6s} " + ", ".join(f"{k}={v:g}" for k, v in hp.items()))
     lines += [
         "",
-        "precision: 'float32'; 'bfloat16' = pure bf16 (parameters, activations and optimizer "
-        "state); 'bf16-autocast' = float32 parameters, bf16 forward pass (torch.autocast) and "
-        "bf16 Kronecker factors, as in the paper.",
+        textwrap.fill(
+            "precision: 'float32'; 'bfloat16' = pure bf16 (parameters, activations and "
+            "optimizer state); 'bf16-autocast' = float32 parameters, bf16 forward pass "
+            "(torch.autocast) and bf16 Kronecker factors, as in the paper."
+        ),
         "",
         "examples:",
         "  singd train --optimizer singd --structure diagonal --epochs 10",
@@ -84,9 +87,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
         help="train a CNN on digits (bundled) or CIFAR (local) with one optimizer",
-        description="Train a CNN with one optimizer; print train loss, test accuracy and "
-        "ms/step per epoch. Digits ship with scikit-learn (nothing is downloaded); CIFAR is "
-        "read from --data-dir.",
+        description=textwrap.fill(
+            "Train a CNN with one optimizer; print train loss, test accuracy and "
+            "ms/step per epoch. Digits ship with scikit-learn (nothing is downloaded); CIFAR is "
+            "read from --data-dir."
+        ),
         epilog=_defaults_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
