@@ -325,7 +325,7 @@ def test_parameter_of_unsupported_layer() -> None:
 
 
 def test_wrapped_model_is_refused() -> None:
-    with pytest.raises(TypeError, match="unwrapped model"):
+    with pytest.raises(TypeError, match="DataParallel is not supported"):
         SINGD(nn.DataParallel(cnn()))
 
 

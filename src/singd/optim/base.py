@@ -16,11 +16,15 @@
   refresh step and moved to the fallback with one warning;
 * follows the GradScaler protocol (:mod:`singd.amp`) and checkpoints to
   tensors and plain values only (loadable with ``torch.load(weights_only=True)``),
-  keyed by module names.
+  keyed by module names;
+* trains data-parallel on ``torch.distributed`` (also inside a DDP wrapper)
+  through a strategy object, replicated or sharded (:mod:`singd.distributed`).
 
 Subclasses (:class:`~singd.optim.optimizer.SINGD`, :class:`~singd.optim.kfac.KFAC`)
 implement the preconditioner: ``_accumulate``, ``_refresh``, ``_precondition``,
-``_layer_state`` / ``_load_layer_state`` and ``_clear_statistics``.
+``_layer_state`` / ``_load_layer_state``, ``_clear_statistics`` and, for data
+parallelism (:mod:`singd.distributed`, the ``distributed`` strategy), ``_statistics``
+/ ``_drop_statistics``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torch.optim import Optimizer
 
 from singd.amp import GradScaleTracker
 from singd.capture import StatisticsCapture
+from singd.distributed import Distributor, resolve_distributor, unwrap_model
 from singd.functional import apply_parameter_step
 from singd.functional.first_order import adamw_step
 from singd.layers import (
@@ -156,14 +161,13 @@ class KroneckerOptimizer(Optimizer, ABC):
         warn_unsupported: bool = True,
         init_grad_scale: float = 1.0,
         grad_scaler: torch.amp.GradScaler | None = None,
+        distributed: str | Distributor | None = "auto",
     ) -> None:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            raise TypeError(
-                f"{type(self).__name__} needs the unwrapped model: pass model.module, not the "
-                f"{type(model).__name__} wrapper."
-            )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        # Hooks go on the layers inside a DDP wrapper; its gradients arrive averaged.
+        model, wrapper = unwrap_model(model)
+        self._distributor = resolve_distributor(distributed, wrapper)
         defaults = {**FALLBACK_DEFAULTS, "kl_clip": None, **defaults}
         self.model = model
         self.grad_scaler = grad_scaler
@@ -196,6 +200,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         self._warned_non_finite: set[str] = set()
         self.steps = 0
         super().__init__(params, defaults)
+        self._distributor.attach(self, wrapper)
 
     # --- layer discovery -------------------------------------------------------------
     def _discover_layers(
@@ -367,6 +372,15 @@ class KroneckerOptimizer(Optimizer, ABC):
         """Drop every accumulator (skipped steps)."""
 
     @abstractmethod
+    def _statistics(self, layer: Layer) -> tuple[list[Tensor], list[Tensor]]:
+        """The live accumulator tensors (input side, output side) of a layer with
+        statistics, which :mod:`singd.distributed` reduces in place over ranks."""
+
+    @abstractmethod
+    def _drop_statistics(self, layer: Layer) -> None:
+        """Drop one layer's accumulators (sharded mode: another rank owns the layer)."""
+
+    @abstractmethod
     def _refresh(
         self, layer: Layer, group: dict[str, Any], h_c_unscale: float
     ) -> tuple[Tensor, Callable[[], None]]:
@@ -420,6 +434,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         return loss
 
     def _step(self) -> None:
+        self._distributor.before_step(self)
         t = self.steps
         grad_divisor = self._resolve_grad_scale(t)
         found_inf = getattr(self, "found_inf", None)
@@ -433,8 +448,10 @@ class KroneckerOptimizer(Optimizer, ABC):
             self._scales.forget(t)
             return
         self._check_statistics()
+        self._distributor.synchronize(self)  # global gradients and statistics
         self._fallback_step(grad_divisor)
         self._refresh_due_layers(self._scales.h_c_unscale(t))
+        natural_gradients = self._natural_gradients(grad_divisor)
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             directions: list[Tensor] = []
@@ -442,10 +459,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             for name, layer in self._layers.items():
                 if self._group_of_layer[name] != index or layer.weight.grad is None:
                     continue
-                G = layer.adapter.grad_matrix(layer.module)
-                if grad_divisor != 1.0:
-                    G = G / grad_divisor
-                update = self._precondition(layer, G)
+                G, update = natural_gradients[name]
                 if group["kl_clip"] is not None:
                     kl_terms.append((G * update).sum())
                 parts = layer.adapter.split_matrix(layer.module, update)
@@ -494,6 +508,36 @@ class KroneckerOptimizer(Optimizer, ABC):
         scale = self._scales.observe(t, grad_scale)
         return 1.0 if unscaled else scale
 
+    def _natural_gradients(self, grad_divisor: float) -> dict[str, tuple[Tensor, Tensor]]:
+        """(gradient matrix, natural gradient) of every layer with a gradient.
+
+        This rank preconditions the layers it owns (all of them unless sharded); the
+        distributor shares the results so every rank applies the same update.
+        """
+        grads: dict[str, Tensor] = {}
+        for name, layer in self._layers.items():
+            if layer.weight.grad is not None:
+                G = layer.adapter.grad_matrix(layer.module)
+                grads[name] = G / grad_divisor if grad_divisor != 1.0 else G
+        owned = {
+            name: self._precondition(self._layers[name], G)
+            for name, G in grads.items()
+            if self._distributor.owns(name)
+        }
+        updates = self._distributor.share_updates(self, owned)
+        return {name: (G, updates[name]) for name, G in grads.items()}
+
+    def synchronize_gradients(self) -> None:
+        """Reduce the gradients over data-parallel ranks now, instead of in ``step()``.
+
+        Only needed without the DDP wrapper, when something reads the gradients
+        between backward and ``step()``: a ``GradScaler`` (its inf/NaN check must see
+        the same gradients on every rank) or gradient clipping. Afterwards ``.grad``
+        holds the full-batch gradient (averaged, or summed for ``loss_average=None``);
+        the next ``step()`` does not reduce them again. A no-op on one process.
+        """
+        self._distributor.reduce_gradients(self)
+
     def _refresh_due_layers(self, h_c_unscale: float) -> None:
         """Refresh every due layer, then undo the refreshes that produced inf/NaN.
 
@@ -502,7 +546,8 @@ class KroneckerOptimizer(Optimizer, ABC):
         """
         checks: list[tuple[Layer, Tensor, Callable[[], None]]] = []
         for name, layer in self._layers.items():
-            if layer.weight.grad is not None and self._refresh_due(self.group_of(name)):
+            due = layer.weight.grad is not None and self._refresh_due(self.group_of(name))
+            if due and self._distributor.owns(name):
                 finite, undo = self._refresh(layer, self.group_of(name), h_c_unscale)
                 checks.append((layer, finite, undo))
         if not checks:
@@ -652,13 +697,20 @@ class KroneckerOptimizer(Optimizer, ABC):
         return dict(saved)
 
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain Python values only; layers are keyed by module name."""
+        """Tensors and plain Python values only; layers are keyed by module name.
+
+        With ``distributed="sharded"`` this is a collective (call it on every rank):
+        it gathers every layer's factors from their owners, so that the state dict of
+        rank 0 restores every rank.
+        """
         state = super().state_dict()
         state["param_groups"] = [self._plain_group(g) for g in state["param_groups"]]
         state[self._STATE_KEY] = {
             "steps": self.steps,
             "grad_scales": dict(self._scales.scales),
-            "layers": {name: self._layer_state(layer) for name, layer in self._layers.items()},
+            "layers": self._distributor.gather_layer_states(
+                self, {name: self._layer_state(layer) for name, layer in self._layers.items()}
+            ),
             "fallback_layers": dict(self._demoted),
         }
         return state
@@ -696,4 +748,5 @@ class KroneckerOptimizer(Optimizer, ABC):
         self.steps = int(own["steps"])
         self._scales.scales = {int(k): float(v) for k, v in own["grad_scales"].items()}
         for name, layer in self._layers.items():
-            self._load_layer_state(layer, own["layers"][name])
+            if self._distributor.owns(name):  # sharded: each rank keeps only its layers
+                self._load_layer_state(layer, own["layers"][name])

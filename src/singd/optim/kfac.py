@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from singd.distributed import Distributor
 from singd.functional import kfac_natural_gradient, resolve_lr_cov
 from singd.functional.kfac import damped_inverse, ema_update
 from singd.layers import grad_output_matrix, input_matrix
@@ -26,7 +27,7 @@ class KFAC(KroneckerOptimizer):
     """Kronecker-factored approximate curvature with explicit damped inverses.
 
     Args:
-        model: The (unwrapped) model.
+        model: The model, or its ``DistributedDataParallel`` wrapper.
         params: As for :class:`~singd.SINGD`.
         lr: β₂.
         momentum: α₂.
@@ -51,6 +52,8 @@ class KFAC(KroneckerOptimizer):
             those parameters in their own group for a different learning rate.
         fallback_betas: AdamW's (β₁, β₂) for the fallback.
         fallback_eps: AdamW's ε for the fallback.
+        distributed: As for :class:`~singd.SINGD`; in the sharded mode each rank
+            keeps S and P of its own layers only.
 
     """
 
@@ -77,6 +80,7 @@ class KFAC(KroneckerOptimizer):
         fallback: str | None = "adamw",
         fallback_betas: tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
+        distributed: str | Distributor | None = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -104,6 +108,7 @@ class KFAC(KroneckerOptimizer):
             warn_unsupported=warn_unsupported,
             init_grad_scale=init_grad_scale,
             grad_scaler=grad_scaler,
+            distributed=distributed,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -129,8 +134,7 @@ class KFAC(KroneckerOptimizer):
         return state
 
     def _accumulate(self, layer: Layer, group: dict[str, Any], x: Tensor, g: Tensor) -> None:
-        state = self.layer_state(layer.name)
-        dtype = state["S_K"].dtype
+        dtype = group["factor_dtype"] or layer.weight.dtype  # (no state: sharded non-owners)
         approx = group["kfac_approx"]
         A = input_matrix(layer.adapter, layer.module, x.to(dtype), approx)
         Gm = grad_output_matrix(
@@ -170,6 +174,13 @@ class KFAC(KroneckerOptimizer):
     def _clear_statistics(self) -> None:
         self._U.clear()
         self._G.clear()
+
+    def _statistics(self, layer: Layer) -> tuple[list[Tensor], list[Tensor]]:
+        return [self._U[layer.name]], [self._G[layer.name]]
+
+    def _drop_statistics(self, layer: Layer) -> None:
+        self._U.pop(layer.name, None)
+        self._G.pop(layer.name, None)
 
     def _refresh(
         self, layer: Layer, group: dict[str, Any], h_c_unscale: float

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from singd.distributed import Distributor
+from singd.distributed.statistics import input_statistic, output_statistic, sandwich
 from singd.functional import (
     FactorHyperparams,
     FactorState,
@@ -61,7 +63,8 @@ class SINGD(KroneckerOptimizer):
         optim.zero_grad(); loss_func(model(X), y).backward(); optim.step()
 
     Args:
-        model: The (unwrapped) model; its layers are found by their module type.
+        model: The model, or its ``DistributedDataParallel`` wrapper; its layers are
+            found by their module type.
         params: None (every trainable weight/bias of a supported layer), a list of
             parameters, or param-group dicts overriding any keyword below except
             ``model``, ``warn_unsupported`` and ``init_grad_scale``.
@@ -104,11 +107,16 @@ class SINGD(KroneckerOptimizer):
             those parameters in their own group for a different learning rate.
         fallback_betas: AdamW's (β₁, β₂) for the fallback.
         fallback_eps: AdamW's ε for the fallback.
+        distributed: Data-parallel strategy (:mod:`singd.distributed`):
+            ``"auto"`` (replicated if the model is DDP-wrapped or several ranks run,
+            else none), ``"replicated"``, ``"sharded"`` (each rank owns the factors
+            of some layers; for large dense factors), ``None`` (no communication), or
+            a :class:`~singd.distributed.Distributor`.
 
     Raises:
         ValueError: For invalid hyper-parameters or names (the message lists the
             valid choices) and for a layer split across param groups.
-        TypeError: If ``model`` is wrapped in ``DataParallel``/``DistributedDataParallel``.
+        TypeError: If ``model`` is wrapped in ``DataParallel`` or FSDP.
     """
 
     _STATE_KEY = "singd"
@@ -137,6 +145,7 @@ class SINGD(KroneckerOptimizer):
         fallback: str | None = "adamw",
         fallback_betas: tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
+        distributed: str | Distributor | None = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -167,6 +176,7 @@ class SINGD(KroneckerOptimizer):
             warn_unsupported=warn_unsupported,
             init_grad_scale=init_grad_scale,
             grad_scaler=grad_scaler,
+            distributed=distributed,
         )
 
     # --- hyper-parameters ----------------------------------------------------------
@@ -238,17 +248,24 @@ class SINGD(KroneckerOptimizer):
 
     # --- KroneckerOptimizer interface ------------------------------------------------
     def _accumulate(self, layer: Layer, group: dict[str, Any], x: Tensor, g: Tensor) -> None:
-        state = self.factors(layer.name)
-        K, C = state.K, state.C
         approx = group["kfac_approx"]
-        H_K = input_curvature(K, layer, x, approx)
+        dtype_K, dtype_C = self._factor_dtypes(layer)
         Gm = grad_output_matrix(
-            layer.adapter, layer.module, g.to(C.dtype), approx, group["loss_average"]
+            layer.adapter, layer.module, g.to(dtype_C), approx, group["loss_average"]
         )
         previous_scale = self._scales.previous(self.steps)
         if previous_scale != 1.0:
             Gm = Gm / previous_scale**0.5
-        H_C = C.from_inner(Gm.T)
+        if self._distributor.replicates_factors:
+            state = self.factors(layer.name)
+            H_K = input_curvature(state.K, layer, x, approx)
+            H_C = state.C.from_inner(Gm.T)
+        else:  # sharded: the owner forms H from the reduced U, G (singd.distributed.statistics)
+            structure_K, structure_C = group["structures"]
+            x = x.to(dtype_K) if x.is_floating_point() else x
+            structure_K = layer.adapter.input_structure or structure_K
+            H_K = input_statistic(structure_K, layer.adapter, layer.module, x, approx)
+            H_C = output_statistic(structure_C, Gm)
         for store, H in ((self._H_K, H_K), (self._H_C, H_C)):
             if layer.name in store:
                 store[layer.name].add_(H)
@@ -287,12 +304,24 @@ class SINGD(KroneckerOptimizer):
         self._H_K.clear()
         self._H_C.clear()
 
+    def _statistics(self, layer: Layer) -> tuple[list[Tensor], list[Tensor]]:
+        return (
+            list(self._H_K[layer.name].tensors().values()),
+            list(self._H_C[layer.name].tensors().values()),
+        )
+
+    def _drop_statistics(self, layer: Layer) -> None:
+        self._H_K.pop(layer.name, None)
+        self._H_C.pop(layer.name, None)
+
     def _refresh(
         self, layer: Layer, group: dict[str, Any], h_c_unscale: float
     ) -> tuple[Tensor, Callable[[], None]]:
         H_K, H_C = self._H_K.pop(layer.name), self._H_C.pop(layer.name)
         hp = self._hyperparams(group, self.steps)
         old = self.factors(layer.name)
+        if not self._distributor.replicates_factors:  # reduced U, G → H_K, H_C
+            H_K, H_C = sandwich(old.K, H_K), sandwich(old.C, H_C)
         new = update_factors(old, H_K, H_C, hp, h_c_unscale)
         self._factors[layer.name] = new
         factors = [f for f in (new.K, new.C, new.m_K, new.m_C) if f is not None]

@@ -1,0 +1,35 @@
+"""Data-parallel training with ``torch.distributed`` (see ``docs/distributed.md``).
+
+Pick a strategy with the optimizers' ``distributed`` argument:
+
+* ``"auto"`` (default) — :class:`Replicated` when the model is wrapped in
+  ``DistributedDataParallel`` or ``torch.distributed`` runs several ranks, else
+  :class:`Local`;
+* ``"replicated"`` — :class:`Replicated`: every rank holds every factor; statistics
+  (and, without the DDP wrapper, gradients) are all-reduced in flat buckets;
+* ``"sharded"`` — :class:`Sharded`: each rank owns the factors of a cost-balanced
+  subset of layers; owners refresh and precondition, an all-gather shares the result;
+* ``None`` — :class:`Local`: no communication;
+* a :class:`Distributor` instance, to set the process group, bucket size or the
+  periodic cross-rank parameter check, e.g. ``Sharded(check_every=100)``.
+"""
+
+from singd.distributed.base import (
+    DISTRIBUTED_MODES,
+    Distributor,
+    Local,
+    resolve_distributor,
+    unwrap_model,
+)
+from singd.distributed.replicated import Replicated
+from singd.distributed.sharded import Sharded
+
+__all__ = [
+    "DISTRIBUTED_MODES",
+    "Distributor",
+    "Local",
+    "Replicated",
+    "Sharded",
+    "resolve_distributor",
+    "unwrap_model",
+]

@@ -1,0 +1,210 @@
+r"""Sharded data parallelism: each rank owns the factors of a subset of the layers.
+
+Ownership, for 2 ranks and layers ``a`` (cost 8), ``b`` (5), ``c`` (4), ``d`` (1)
+(greedy: largest cost first, to the least-loaded rank, ties to the lower rank)::
+
+    rank 0 │ a a a a a a a a │ d │            load 9
+    rank 1 │ b b b b b │ c c c c │            load 9
+
+One step on rank *r*:
+
+1. gradients become global (all-reduced without the DDP wrapper, as in
+   :class:`~singd.distributed.replicated.Replicated`);
+2. at refresh steps, every rank's statistics of every due layer — *factor-free*
+   statistics (:mod:`singd.distributed.statistics`), since only owners hold K and C —
+   are **reduce-scattered**: each owner receives the reduced statistics of its own
+   layers (half the traffic of an all-reduce), every other copy is dropped;
+3. the owner refreshes its layers' factors and preconditions their gradients;
+4. one **all-gather** per dtype gives every rank every layer's natural gradient
+   (bitwise the owner's result), and every rank applies the same parameter step
+   (momentum and weight decay are replicated, like the parameters). Fallback
+   parameters are updated on every rank from the global gradients.
+
+Per rank, the factors (K, C and their momenta; KFAC's S and P) and their refresh
+and preconditioning compute fall to about 1/R. The statistics are transiently held
+in full on every rank until step 2 (dense :math:`U, G` except for diagonal
+factors), and each step pays one all-gather of the natural gradients.
+
+Choose it for large **dense** factors (INGD, KFAC, IKFAC with wide layers), where
+the O(d³) refresh and the O(d²) factor memory dominate. For structured factors the
+replicated mode is cheaper: its statistics are as small as the factors, while this
+mode ships dense statistics and adds the all-gather.
+
+Cost of a layer for the balance: :math:`\sum_{F \in \{K, C\}} n_F^{3/2}` with
+:math:`n_F` the number of stored entries of the factor — :math:`d^3` for a dense
+factor (its matrix products), less for structured ones.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from singd.distributed.base import due_layers, statistics
+from singd.distributed.collectives import (
+    launch_all_gather,
+    launch_all_reduce,
+    launch_reduce_scatter,
+)
+from singd.distributed.replicated import Replicated
+from singd.structures import Dense
+
+if TYPE_CHECKING:
+    from singd.optim.base import KroneckerOptimizer, Layer
+
+
+def layer_cost(optimizer: KroneckerOptimizer, layer: Layer) -> float:
+    """The balancing cost of a layer (module docstring)."""
+    d_K, d_C = layer.adapter.factor_dims(layer.module)
+    group = optimizer.group_of(layer.name)
+    structure_K, structure_C = group.get("structures", (Dense(), Dense()))
+    structure_K = layer.adapter.input_structure or structure_K
+    return sum(
+        float(structure.num_stored(dim)) ** 1.5
+        for structure, dim in ((structure_K, d_K), (structure_C, d_C))
+    )
+
+
+class Sharded(Replicated):
+    """Each rank owns, refreshes and applies the factors of a cost-balanced layer subset.
+
+    Same arguments as :class:`~singd.distributed.replicated.Replicated`
+    (``bucket_mb`` applies to the gradient all-reduce).
+
+    ``state_dict()`` is a **collective** in this mode: call it on every rank; each
+    returns every layer's factors (gathered from their owners), so the checkpoint
+    saved by rank 0 restores any number of ranks in any mode.
+    """
+
+    replicates_factors = False
+
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        bucket_mb: float | None = None,
+        overlap: bool = True,
+        check_every: int | None = None,
+    ) -> None:
+        super().__init__(
+            process_group, bucket_mb=bucket_mb, overlap=overlap, check_every=check_every
+        )
+        self._owner: dict[str, int] = {}
+        self._load = [0.0] * self.world_size
+
+    def _set_group(self, group: dist.ProcessGroup | None) -> None:
+        super()._set_group(group)
+        self._load = [0.0] * self.world_size
+
+    # --- ownership -----------------------------------------------------------------------
+    def _assign(self) -> None:
+        """Give every new layer an owner: largest cost first, to the least-loaded rank.
+
+        Deterministic (same layers, costs and order on every rank), and stable: a layer
+        keeps its owner when layers are added later (``add_param_group``).
+        """
+        optimizer = self._optimizer
+        if optimizer is None:
+            raise RuntimeError("The distributor is not attached to an optimizer.")
+        new = [layer for name, layer in optimizer._layers.items() if name not in self._owner]
+        costs = [layer_cost(optimizer, layer) for layer in new]
+        for i in sorted(range(len(new)), key=lambda i: (-costs[i], i)):
+            rank = min(range(self.world_size), key=lambda r: (self._load[r], r))
+            self._owner[new[i].name] = rank
+            self._load[rank] += costs[i]
+
+    def owner(self, layer_name: str) -> int:
+        """The rank that holds ``layer_name``'s factors."""
+        if layer_name not in self._owner:
+            self._assign()
+        return self._owner[layer_name]
+
+    def owns(self, layer_name: str) -> bool:
+        return self.owner(layer_name) == self.rank
+
+    # --- hooks ---------------------------------------------------------------------------
+    def synchronize(self, optimizer: KroneckerOptimizer) -> None:
+        """Global gradients everywhere; each due layer's statistics on its owner only."""
+        grads, grad_average = self._gradients_to_reduce(optimizer)
+        finish_gradients = launch_all_reduce(
+            grads,
+            grad_average,
+            world_size=self.world_size,
+            group=self.group,
+            bucket_bytes=self.bucket_bytes,
+            overlap=self.overlap,
+        )
+        layers = due_layers(optimizer)
+        tensors, average, layer_index = statistics(optimizer, layers)
+        owners = [self.owner(layers[i].name) for i in layer_index]
+        finish_statistics = launch_reduce_scatter(
+            tensors,
+            average,
+            owners,
+            rank=self.rank,
+            world_size=self.world_size,
+            group=self.group,
+            overlap=self.overlap,
+        )
+        finish_gradients()
+        finish_statistics()
+        for layer in layers:
+            if not self.owns(layer.name):
+                optimizer._drop_statistics(layer)
+
+    def share_updates(
+        self, optimizer: KroneckerOptimizer, updates: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """All-gather the owners' natural gradients (shapes ``[d_C, d_K]``, the gradient's
+        dtype and device, which every rank knows)."""
+        layers = [layer for layer in optimizer._layers.values() if layer.weight.grad is not None]
+        owners = [self.owner(layer.name) for layer in layers]
+        shapes, dtypes, devices = [], [], []
+        for layer in layers:
+            d_K, d_C = layer.adapter.factor_dims(layer.module)
+            grad = layer.weight.grad
+            assert grad is not None
+            shapes.append(torch.Size((d_C, d_K)))
+            dtypes.append(grad.dtype)
+            devices.append(grad.device)
+        own = [updates[layer.name] for layer in layers if self.owns(layer.name)]
+        result, finish = launch_all_gather(
+            own,
+            shapes,
+            dtypes,
+            devices,
+            owners,
+            rank=self.rank,
+            world_size=self.world_size,
+            group=self.group,
+            overlap=self.overlap,
+        )
+        finish()
+        return {layer.name: t for layer, t in zip(layers, result, strict=True) if t is not None}
+
+    def gather_layer_states(
+        self, optimizer: KroneckerOptimizer, states: dict[str, dict[str, Tensor]]
+    ) -> dict[str, dict[str, Tensor]]:
+        """Every layer's checkpoint tensors, from their owners (a collective).
+
+        Tensors travel as CPU tensors (``all_gather_object``) and are moved to the
+        layer's device, so the result looks like the replicated mode's.
+        """
+        mine = {
+            name: {k: v.detach().cpu() for k, v in state.items()}
+            for name, state in states.items()
+            if self.owns(name)
+        }
+        parts: list[dict[str, dict[str, Tensor]] | None] = [None] * self.world_size
+        dist.all_gather_object(parts, mine, group=self.group)
+        merged = {name: dict(state) for name, state in states.items()}
+        for rank, part in enumerate(parts):
+            if rank == self.rank or part is None:
+                continue
+            for name, state in part.items():
+                device = optimizer._layers[name].weight.device
+                merged[name] = {k: v.to(device) for k, v in state.items()}
+        return merged
