@@ -81,7 +81,7 @@ TRIANGULAR = [spec for spec in SPECS if spec.name.startswith(("tril", "triu"))]
 @FAST
 @given(spec=st.sampled_from(TRIANGULAR), d=dims, n=st.integers(1, 20), seed=seeds)
 def test_upper_is_the_flip_of_lower(spec: Structure, d: int, n: int, seed: int):
-    r"""``triu(M) = J·tril(J M J)·J`` (:mod:`singd.structures._orientation`), op by op."""
+    r"""``triu(M) = J·tril(J M J)·J`` for every operation (J: the exchange matrix)."""
     gen = _gen(seed)
     args = str(spec).removeprefix(spec.name)
     mirror = parse_structure(flip(spec.name) + args)

@@ -31,10 +31,10 @@ Every operation is written with these three pieces; the products are closed
 mirrors (:math:`B_1 = Q_{\mathcal A\mathcal C} + Q_{\mathcal C\mathcal A}^\top`, i.e.
 :math:`2Q_{\mathcal A\mathcal C}`, and so on).
 
-**from_inner.** :math:`\hat\Pi(K^\top M K)` with :math:`M = X X^\top` needs only
-:math:`M_{\mathcal Z\mathcal Z}`, :math:`M_{\mathcal Z\mathcal C}` and
-:math:`m_C = \operatorname{diag} M_{\mathcal C\mathcal C}`, i.e. :math:`X_{\mathcal Z}
-X^\top` (:math:`z d n` multiply-adds) and the row norms of :math:`X_{\mathcal C}`:
+**from_inner.** This is a *row arrow* (:mod:`singd.structures._arrow`) with the dense
+index set :math:`\mathcal Z`: :math:`\hat\Pi(K^\top X X^\top K)` needs only
+:math:`X_{\mathcal Z} X^\top` (:math:`z d n` multiply-adds) and the row norms of
+:math:`X_{\mathcal C}`,
 
 .. math::
     T &= M_{\mathcal Z\mathcal Z} W + M_{\mathcal Z\mathcal C} \operatorname{diag}(C),\\
@@ -44,10 +44,9 @@ X^\top` (:math:`z d n` multiply-adds) and the row norms of :math:`X_{\mathcal C}
     \operatorname{diag} Q_{\mathcal C\mathcal C} &= \operatorname{colsum}(W \odot T)
         + C \odot \operatorname{colsum}(W \odot M_{\mathcal Z\mathcal C}) + C^2 \odot m_C,
 
-followed by the projection. This is half the work of forming :math:`S = K^\top X`
-(:math:`z d n`) and then the needed blocks of :math:`S S^\top` (another :math:`z d n`),
-and never forms a ``d × d`` matrix. :math:`\hat\Pi(K^\top K)` is the same with
-:math:`M = I`.
+followed by the projection: half the work of forming :math:`S = K^\top X` and then the
+needed blocks of :math:`S S^\top`, and never a ``d × d`` (or ``d × n``) temporary.
+:math:`\hat\Pi(K^\top K)` is the same with :math:`M = I`.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from singd.structures._linalg import row_sum_of_squares
+from singd.structures import _arrow
 from singd.structures.base import Structure, StructuredMatrix, check_size
 
 
@@ -86,16 +85,13 @@ class Hierarchical(Structure):
 
     def from_dense(self, sym: Tensor) -> HierarchicalMatrix:
         d = sym.shape[0]
-        a, c, _ = self.sizes(d)
-        Z = _z_index(d, a, c, sym.device)
-        Q_ZZ = sym[Z][:, Z]
-        # the mirror Q_CZ^T is added (rule of spec §3.3); halved because _project doubles
-        Q_ZC = 0.5 * (sym[Z, a : a + c] + sym[a : a + c, Z].T)
-        q_C = sym.diagonal()[a : a + c]
-        return _project(self, d, Q_ZZ, Q_ZC, q_C)
+        a, _, e = self.sizes(d)
+        S_ZZ, S_ZC, S_CZ, S_CC = _arrow.split_blocks(sym, a, e)
+        return _assemble(self, d, _project_zz(S_ZZ, a), S_ZC + S_CZ.T, S_CC.diagonal())
 
     def from_mat_inner(self, X: Tensor) -> HierarchicalMatrix:
-        return _project(self, X.shape[0], *_gram_pieces(self, X))
+        a, _, e = self.sizes(X.shape[0])
+        return _project(self, X.shape[0], _arrow.gram_pieces(X, a, e))
 
     def zeros(self, dim, *, dtype=None, device=None) -> HierarchicalMatrix:
         a, c, e = self.sizes(dim)
@@ -107,56 +103,34 @@ class Hierarchical(Structure):
         return HierarchicalMatrix(self, dim, tensors)
 
 
-def _z_index(d: int, a: int, c: int, device: torch.device) -> Tensor:
-    """Indices of :math:`\\mathcal Z = \\mathcal A \\cup \\mathcal E`, in order."""
-    return torch.cat([torch.arange(a, device=device), torch.arange(a + c, d, device=device)])
+def _project_zz(Q_ZZ: Tensor, a: int) -> Tensor:
+    """The dense part's projection: A and E copied, B2 = Q_AE + Q_EAᵀ, E-A block zero."""
+    free = torch.ones_like(Q_ZZ, dtype=torch.bool)
+    free[a:, :a] = False
+    return _arrow.project_masked(Q_ZZ, free)
 
 
-def _split_z(X: Tensor, a: int, c: int) -> tuple[Tensor, Tensor]:
-    """Rows of ``X`` as :math:`X_{\\mathcal Z}` (a copy) and :math:`X_{\\mathcal C}` (a view)."""
-    if c == 0:  # d <= k1 + k2: Z is everything, no copy
-        return X, X[a:a]
-    return torch.cat([X[:a], X[a + c :]]), X[a : a + c]
+def _project(structure: Hierarchical, dim: int, Q: _arrow.Pieces) -> HierarchicalMatrix:
+    r""":math:`\hat\Pi(Q)` from the pieces :math:`(Q_{\mathcal Z\mathcal Z},
+    Q_{\mathcal Z\mathcal C}, \operatorname{diag}Q_{\mathcal C\mathcal C})` of a
+    symmetric :math:`Q`: the off-diagonal block absorbs its mirror (:math:`2Q_{\mathcal Z
+    \mathcal C}`)."""
+    Q_ZZ, Q_ZC, q_C = Q
+    a, _, _ = structure.sizes(dim)
+    return _assemble(structure, dim, _project_zz(Q_ZZ, a), 2 * Q_ZC, q_C)
 
 
-def _join_z(Y_Z: Tensor, C: Tensor, X_C: Tensor, a: int) -> Tensor:
-    r"""Rows in the order A, C, E from :math:`Y_{\mathcal Z}` and :math:`Y_{\mathcal C} =
-    \operatorname{diag}(C) X_{\mathcal C}`, the latter written in place (no temporary)."""
-    c = X_C.shape[0]
-    if c == 0:
-        return Y_Z
-    out = Y_Z.new_empty(Y_Z.shape[0] + c, Y_Z.shape[1])
-    out[:a] = Y_Z[:a]
-    torch.mul(C.unsqueeze(1), X_C, out=out[a : a + c])
-    out[a + c :] = Y_Z[a:]
-    return out
-
-
-def _gram_pieces(structure: Hierarchical, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r""":math:`M_{\mathcal Z\mathcal Z}, M_{\mathcal Z\mathcal C}, \operatorname{diag}
-    M_{\mathcal C\mathcal C}` of :math:`M = X X^\top` in :math:`z d n + c n` operations."""
-    a, c, _ = structure.sizes(X.shape[0])
-    X_Z, X_C = _split_z(X, a, c)
-    P = X_Z @ X.T  # [z, d]: the Z rows of X X^T
-    M_ZZ = torch.cat([P[:, :a], P[:, a + c :]], dim=1)
-    return M_ZZ, P[:, a : a + c], row_sum_of_squares(X_C)
-
-
-def _project(
-    structure: Hierarchical, dim: int, Q_ZZ: Tensor, Q_ZC: Tensor, q_C: Tensor
+def _assemble(
+    structure: Hierarchical, dim: int, K_ZZ: Tensor, W: Tensor, C: Tensor
 ) -> HierarchicalMatrix:
-    r""":math:`\hat\Pi(Q)` from the pieces :math:`Q_{\mathcal Z\mathcal Z}`,
-    :math:`Q_{\mathcal Z\mathcal C}` and :math:`\operatorname{diag}Q_{\mathcal C
-    \mathcal C}` of a symmetric :math:`Q` (:math:`Q_{\mathcal C\mathcal Z} =
-    Q_{\mathcal Z\mathcal C}^\top`)."""
+    """The stored blocks A, B = [B1 | B2], C, D, E from the arrow pieces."""
     a, _, _ = structure.sizes(dim)
     tensors = {
-        "A": Q_ZZ[:a, :a],
-        # B_2 = Q_AE + Q_EA^T: the E-A block is off-pattern
-        "B": torch.cat([2 * Q_ZC[:a], Q_ZZ[:a, a:] + Q_ZZ[a:, :a].T], dim=1),
-        "C": q_C,
-        "D": 2 * Q_ZC[a:],
-        "E": Q_ZZ[a:, a:],
+        "A": K_ZZ[:a, :a],
+        "B": torch.cat([W[:a], K_ZZ[:a, a:]], dim=1),
+        "C": C,
+        "D": W[a:],
+        "E": K_ZZ[a:, a:],
     }
     contiguous = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     return HierarchicalMatrix(structure, dim, contiguous)
@@ -170,8 +144,8 @@ class HierarchicalMatrix(StructuredMatrix):
     def _sizes(self) -> tuple[int, int, int]:
         return self.structure.sizes(self.dim)
 
-    def _pieces(self) -> tuple[Tensor, Tensor, Tensor]:
-        r""":math:`(K_{\mathcal Z\mathcal Z}, W, C)`: dense part, dense column block, diagonal."""
+    def _pieces(self) -> _arrow.Pieces:
+        r""":math:`(K_{\mathcal Z\mathcal Z}, W, C)`: dense part, dense rows over C, diagonal."""
         t = self._tensors
         a, c, e = self._sizes()
         lower_left = t["E"].new_zeros(e, a)
@@ -180,19 +154,6 @@ class HierarchicalMatrix(StructuredMatrix):
         )
         W = torch.cat([t["B"][:, :c], t["D"]])
         return K_ZZ, W, t["C"]
-
-    def _from_pieces(self, K_ZZ: Tensor, W: Tensor, C: Tensor) -> HierarchicalMatrix:
-        a, _, _ = self._sizes()
-        tensors = {
-            "A": K_ZZ[:a, :a],
-            "B": torch.cat([W[:a], K_ZZ[:a, a:]], dim=1),
-            "C": C,
-            "D": W[a:],
-            "E": K_ZZ[a:, a:],
-        }
-        return self._like(
-            {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-        )
 
     def to_dense(self) -> Tensor:
         t = self._tensors
@@ -206,37 +167,22 @@ class HierarchicalMatrix(StructuredMatrix):
         return out
 
     def matmat(self, X: Tensor) -> Tensor:
-        a, c, _ = self._sizes()
-        K_ZZ, W, C = self._pieces()
-        X_Z, X_C = _split_z(X.to(self.dtype), a, c)
-        return _join_z(torch.addmm(K_ZZ @ X_Z, W, X_C), C, X_C, a)
+        a, _, e = self._sizes()
+        return _arrow.row_matmat(*self._pieces(), X.to(self.dtype), a, e)
 
     def rmatmat(self, X: Tensor) -> Tensor:
-        a, c, _ = self._sizes()
-        K_ZZ, W, C = self._pieces()
-        X_Z, X_C = _split_z(X.to(self.dtype), a, c)
-        out = _join_z(K_ZZ.T @ X_Z, C, X_C, a)
-        if c > 0:
-            out[a : a + c].addmm_(W.T, X_Z)  # S_C = diag(C) X_C + Wᵀ X_Z
-        return out
+        a, _, e = self._sizes()
+        return _arrow.row_rmatmat(*self._pieces(), X.to(self.dtype), a, e)
 
     def matmul(self, other: HierarchicalMatrix) -> HierarchicalMatrix:
         self._check_same(other)
-        K_ZZ, W, C = self._pieces()
-        K2_ZZ, W2, C2 = other.to(self.dtype)._pieces()
-        return self._from_pieces(K_ZZ @ K2_ZZ, K_ZZ @ W2 + W * C2, C * C2)
+        product = _arrow.row_matmul(self._pieces(), other.to(self.dtype)._pieces())
+        return _assemble(self.structure, self.dim, *product)
 
     def from_inner(self, X: Tensor | None = None) -> HierarchicalMatrix:
-        K_ZZ, W, C = self._pieces()
-        if X is None:  # M = I
-            Q_ZZ = K_ZZ.T @ K_ZZ
-            q_C = W.square().sum(0) + C.square()
-            return _project(self.structure, self.dim, Q_ZZ, K_ZZ.T @ W, q_C)
-        M_ZZ, M_ZC, m_C = _gram_pieces(self.structure, X.to(self.dtype))
-        T = M_ZZ @ W + M_ZC * C
-        Q_ZZ = K_ZZ.T @ (M_ZZ @ K_ZZ)
-        q_C = (W * T).sum(0) + C * (W * M_ZC).sum(0) + C.square() * m_C
-        return _project(self.structure, self.dim, Q_ZZ, K_ZZ.T @ T, q_C)
+        a, _, e = self._sizes()
+        M = None if X is None else _arrow.gram_pieces(X.to(self.dtype), a, e)
+        return _project(self.structure, self.dim, _arrow.row_inner(*self._pieces(), M))
 
     def diagonal(self) -> Tensor:
         t = self._tensors

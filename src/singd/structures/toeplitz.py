@@ -56,8 +56,9 @@ from torch import Tensor
 from singd.structures.base import Structure, StructuredMatrix
 
 #: Up to this size, products with the dense ``d × d`` matrix (at most 16384 numbers,
-#: less than one FFT chunk) beat the FFTs; measured on one CPU thread, the FFT route
-#: wins from d ≈ 150-200 on (d ≈ 200: 17 vs 22 ms; d = 28: 12 vs 1.8 ms for n = 32768).
+#: less than one FFT chunk) beat the FFTs. ``from_inner`` on one CPU thread, FFT vs
+#: dense: 12 vs 1.8 ms (d = 28, n = 32768), 9 vs 8 ms (d = 100, n = 8192), 17 vs 22 ms
+#: (d = 200, n = 8192), 8 vs 12 ms (d = 289, n = 2048).
 DIRECT_MAX_DIM = 128
 
 #: Columns per FFT chunk are chosen so that a chunk's spectrum (complex, about
