@@ -41,9 +41,10 @@ SPECS: list[Structure] = [
     *[cls(rank) for cls in RANK_TRIANGULAR for rank in (1, 2, 3)],
 ]
 
-#: 1 and 2; smaller than a block (b=3, 30); not a multiple of the block (5, 7, 17, 64);
-#: a multiple (30); d ≤ k1 and k1 < d ≤ k1 + k2 for (3, 2) and (15, 15); d ≤ rank.
-DIMS = [1, 2, 5, 7, 17, 30, 64]
+#: 1 and 2; smaller than a block (b = 3, 30); not a multiple of the block (5, 17, 64);
+#: a multiple (30); d ≤ k1, k1 < d ≤ k1 + k2 and d > k1 + k2 for both (3, 2) and
+#: (15, 15); d ≤ rank; Toeplitz runs each size through both of its routes (ROUTES).
+DIMS = [1, 2, 5, 17, 30, 64]
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
