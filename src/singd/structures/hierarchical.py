@@ -4,7 +4,7 @@ Pattern (spec §3.7) with the index blocks :math:`\mathcal A = [0, a)`,
 :math:`\mathcal C = [a, a+c)`, :math:`\mathcal E = [a+c, d)`:
 
 .. math::
-    M = \begin{pmatrix} A & B_1 & B_2 \\ 0 & \operatorname{diag}(C) & 0 \\ 0 & D & E
+    K = \begin{pmatrix} A & B_1 & B_2 \\ 0 & \operatorname{diag}(C) & 0 \\ 0 & D & E
     \end{pmatrix},
     \qquad a = \min(k_1, d),\ e = \min(k_2, d - a),\ c = d - a - e,
 
@@ -14,15 +14,15 @@ the published code: :math:`d \le k_1` keeps only ``A``; :math:`k_1 < d \le k_1 +
 keeps ``A``, ``B`` and ``E`` (no ``C``, ``D``); the other tensors are then empty.
 
 **Dense part and diagonal part.** Let :math:`\mathcal Z = \mathcal A \cup \mathcal E`
-(:math:`z = a + e` indices). Then :math:`M_{\mathcal C\mathcal Z} = 0`,
-:math:`M_{\mathcal C \mathcal C}` is diagonal, and the rest is dense-ish:
+(:math:`z = a + e` indices). Then :math:`K_{\mathcal C\mathcal Z} = 0`,
+:math:`K_{\mathcal C \mathcal C}` is diagonal, and the rest is dense-ish:
 
 .. math::
-    M_{\mathcal Z\mathcal Z} = \begin{pmatrix} A & B_2 \\ 0 & E \end{pmatrix},
-    \qquad W := M_{\mathcal Z \mathcal C} = \begin{pmatrix} B_1 \\ D \end{pmatrix}.
+    K_{\mathcal Z\mathcal Z} = \begin{pmatrix} A & B_2 \\ 0 & E \end{pmatrix},
+    \qquad W := K_{\mathcal Z \mathcal C} = \begin{pmatrix} B_1 \\ D \end{pmatrix}.
 
 Every operation is written with these three pieces; the products are closed
-(:math:`M_{\mathcal Z\mathcal Z}` stays block upper-triangular, :math:`M_{\mathcal C
+(:math:`K_{\mathcal Z\mathcal Z}` stays block upper-triangular, :math:`K_{\mathcal C
 \mathcal Z}` stays zero).
 
 **Projection.** For symmetric :math:`Q`: ``A``, ``E`` and ``C`` copy
@@ -32,9 +32,9 @@ mirrors (:math:`B_1 = Q_{\mathcal A\mathcal C} + Q_{\mathcal C\mathcal A}^\top`,
 :math:`2Q_{\mathcal A\mathcal C}`, and so on).
 
 **from_inner.** This is a *row arrow* (:mod:`singd.structures._arrow`) with the dense
-index set :math:`\mathcal Z`: :math:`\hat\Pi(K^\top X X^\top K)` needs only
-:math:`X_{\mathcal Z} X^\top` (:math:`z d n` multiply-adds) and the row norms of
-:math:`X_{\mathcal C}`,
+index set :math:`\mathcal Z`: :math:`\hat\Pi(K^\top M K)`, :math:`M = X X^\top`, needs
+only :math:`X_{\mathcal Z} X^\top` (:math:`z d n` multiply-adds) and the row norms
+:math:`m_C` of :math:`X_{\mathcal C}`,
 
 .. math::
     T &= M_{\mathcal Z\mathcal Z} W + M_{\mathcal Z\mathcal C} \operatorname{diag}(C),\\
