@@ -60,7 +60,7 @@ class LayerAdapter(ABC):
         """The output gradient in weight-sharing format ``[B, R, d_o]``."""
 
     def expanded_input_matrix(self, module: nn.Module, x: Tensor) -> Tensor:
-        """KFAC-expand's :math:`A = [x \,|\, 1] / \sqrt{BR}`, ``[B·R, d_K]``.
+        r"""KFAC-expand's :math:`A = [x \,|\, 1] / \sqrt{BR}`, ``[B·R, d_K]``.
 
         Override when the weight-sharing format is costly to copy (convolutions).
         """
@@ -140,7 +140,7 @@ def grad_output_matrix(
 def grad_output_diagonal(
     adapter: LayerAdapter, module: nn.Module, g: Tensor, approx: str, loss_average: str | None
 ) -> Tensor:
-    """:math:`\operatorname{diag}(G_m^\top G_m)`, all a diagonal C needs, without forming
+    r""":math:`\operatorname{diag}(G_m^\top G_m)`, all a diagonal C needs, without forming
     :math:`G_m` (no transposed copy of convolution gradients)."""
     shared = adapter.shared_grad_outputs(module, g)
     summed = shared if approx == "expand" else shared.sum(1, keepdim=True)
