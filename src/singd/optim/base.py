@@ -121,10 +121,13 @@ def check_nonnegative(name: str, value: Any) -> None:
 @contextlib.contextmanager
 def _autocast_disabled() -> Iterator[None]:
     """Turn autocast off on every device type (the optimizer picks its own dtypes)."""
+    enabled = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    if not enabled:  # the common case: no context to enter (this runs in every hook)
+        yield
+        return
     with contextlib.ExitStack() as stack:
-        for device_type in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
+        for device_type in enabled:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
 
 

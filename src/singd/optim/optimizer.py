@@ -29,9 +29,9 @@ from singd.functional import (
     resolve_lr_cov,
     update_factors,
 )
-from singd.layers import grad_output_matrix, input_matrix
+from singd.layers import grad_output_diagonal, grad_output_matrix, input_matrix
 from singd.optim.base import KroneckerOptimizer, Layer, check_nonnegative, dtype_name, parse_dtype
-from singd.structures import DiagonalMatrix, StructuredMatrix, parse_structure
+from singd.structures import StructuredMatrix, parse_structure
 
 _FACTOR_NAMES = ("K", "C", "m_K", "m_C")
 
@@ -39,19 +39,38 @@ _FACTOR_NAMES = ("K", "C", "m_K", "m_C")
 def input_curvature(K: StructuredMatrix, layer: Layer, x: Tensor, approx: str) -> StructuredMatrix:
     r""":math:`H_K = \hat\Pi(K^\top A^\top A K)` from the layer input.
 
-    A diagonal K needs only :math:`\operatorname{diag}(A^\top A)`, which adapters
-    compute without forming :math:`A` (unfolded convolution patches, one-hot
-    embedding inputs): :math:`H_K = k^2 \odot \operatorname{diag}(A^\top A)`.
+    A diagonal K (``inner_needs_only_diagonal``) needs only
+    :math:`\operatorname{diag}(A^\top A)`, which adapters compute without forming
+    :math:`A` (unfolded convolution patches, one-hot embedding inputs).
     """
     if x.is_floating_point():  # (embedding inputs are indices)
         x = x.to(K.dtype)
-    if isinstance(K, DiagonalMatrix):
-        return DiagonalMatrix(
-            K.structure,
-            K.dim,
-            {"diag": K.diag.square() * layer.adapter.input_diagonal(layer.module, x, approx)},
-        )
+    if K.inner_needs_only_diagonal:
+        return K.from_inner_diagonal(layer.adapter.input_diagonal(layer.module, x, approx))
     return K.from_inner(input_matrix(layer.adapter, layer.module, x, approx).T)
+
+
+def output_curvature(
+    C: StructuredMatrix,
+    layer: Layer,
+    g: Tensor,
+    approx: str,
+    loss_average: str | None,
+    previous_scale: float = 1.0,
+) -> StructuredMatrix:
+    r""":math:`H_C = \hat\Pi(C^\top G_m^\top G_m C) / s_{t-1}` from the output gradient.
+
+    A diagonal C (``inner_needs_only_diagonal``) needs only
+    :math:`\operatorname{diag}(G_m^\top G_m)`, computed without forming :math:`G_m`.
+    :math:`s_{t-1}` is the previous gradient scale.
+    """
+    if C.inner_needs_only_diagonal:
+        diag = grad_output_diagonal(layer.adapter, layer.module, g, approx, loss_average)
+        return C.from_inner_diagonal(diag / previous_scale if previous_scale != 1.0 else diag)
+    Gm = grad_output_matrix(layer.adapter, layer.module, g, approx, loss_average)
+    if previous_scale != 1.0:
+        Gm = Gm / previous_scale**0.5
+    return C.from_inner(Gm.T)
 
 
 class SINGD(KroneckerOptimizer):
@@ -250,17 +269,17 @@ class SINGD(KroneckerOptimizer):
     def _accumulate(self, layer: Layer, group: dict[str, Any], x: Tensor, g: Tensor) -> None:
         approx = group["kfac_approx"]
         dtype_K, dtype_C = self._factor_dtypes(layer)
-        Gm = grad_output_matrix(
-            layer.adapter, layer.module, g.to(dtype_C), approx, group["loss_average"]
-        )
+        g = g.to(dtype_C)
+        # The hook divides by √s_{t−1} (singd.amp): squares carry 1/s_{t−1}.
         previous_scale = self._scales.previous(self.steps)
-        if previous_scale != 1.0:
-            Gm = Gm / previous_scale**0.5
         if self._distributor.replicates_factors:
             state = self.factors(layer.name)
             H_K = input_curvature(state.K, layer, x, approx)
-            H_C = state.C.from_inner(Gm.T)
+            H_C = output_curvature(state.C, layer, g, approx, group["loss_average"], previous_scale)
         else:  # sharded: the owner forms H from the reduced U, G (singd.distributed.statistics)
+            Gm = grad_output_matrix(layer.adapter, layer.module, g, approx, group["loss_average"])
+            if previous_scale != 1.0:
+                Gm = Gm / previous_scale**0.5
             structure_K, structure_C = group["structures"]
             x = x.to(dtype_K) if x.is_floating_point() else x
             structure_K = layer.adapter.input_structure or structure_K
@@ -324,10 +343,10 @@ class SINGD(KroneckerOptimizer):
             H_K, H_C = sandwich(old.K, H_K), sandwich(old.C, H_C)
         new = update_factors(old, H_K, H_C, hp, h_c_unscale)
         self._factors[layer.name] = new
-        factors = [f for f in (new.K, new.C, new.m_K, new.m_C) if f is not None]
-        finite = torch.stack(
-            [torch.isfinite(t).all() for f in factors for t in f.tensors().values()]
-        ).all()
+        # inf/NaN anywhere in H or m reaches K_new = K − β₁ K m and C_new: one sum
+        # per stored tensor of the new factors detects it (sums propagate inf/NaN).
+        sums = [t.sum(dtype=torch.float32) for f in (new.K, new.C) for t in f.tensors().values()]
+        finite = torch.isfinite(torch.stack(sums).sum())
 
         def undo() -> None:
             self._factors[layer.name] = old

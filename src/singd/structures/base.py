@@ -149,6 +149,20 @@ class StructuredMatrix(ABC):
         tensors: Stored tensors by name (contiguous; all of one dtype and device).
     """
 
+    #: True when :math:`\hat\Pi(M^\top X X^\top M)` depends on ``X`` only through
+    #: :math:`\operatorname{diag}(X X^\top)` (a diagonal M): callers may then pass that
+    #: diagonal to :meth:`from_inner_diagonal` without ever forming ``X``.
+    inner_needs_only_diagonal: ClassVar[bool] = False
+
+    def from_inner_diagonal(self: SelfMatrix, diag: Tensor) -> SelfMatrix:
+        r""":math:`\hat\Pi(M^\top D M)` with :math:`D = \operatorname{diag}(v)`, ``diag`` = v.
+
+        Only for structures with :attr:`inner_needs_only_diagonal`.
+        """
+        raise NotImplementedError(
+            f"{self.structure} needs the full X for from_inner (inner_needs_only_diagonal=False)."
+        )
+
     def __init__(self, structure: Structure, dim: int, tensors: dict[str, Tensor]) -> None:
         self.structure = structure
         self.dim = dim

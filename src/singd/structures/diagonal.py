@@ -58,6 +58,11 @@ class DiagonalMatrix(StructuredMatrix):
         # k² ⊙ rowsum(X∘X): K X is never formed
         return self._like({"diag": self.diag.square() * row_sum_of_squares(X.to(self.dtype))})
 
+    inner_needs_only_diagonal = True
+
+    def from_inner_diagonal(self, diag: Tensor) -> DiagonalMatrix:
+        return self._like({"diag": self.diag.square() * diag.to(self.dtype)})
+
     def diagonal(self) -> Tensor:
         return self.diag.clone()
 
