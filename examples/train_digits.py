@@ -12,37 +12,12 @@ import argparse
 import time
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm import tqdm
 
+from singd.cli.data import load_digits  # scikit-learn's digits as tensors, a fixed split
+from singd.cli.models import digits_cnn  # Conv → ReLU → Conv → ReLU → Linear → ReLU → Linear
 from singd.optim.optimizer import SINGD
-
-
-def digits_tensors(seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Train/test split of the digits as ``[N, 1, 8, 8]`` float images in [0, 1] and labels."""
-    data = load_digits()
-    X = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=0.25, random_state=seed, stratify=y
-    )
-    return X_train, X_test, y_train, y_test
-
-
-def small_cnn() -> nn.Sequential:
-    """Conv → ReLU → Conv → ReLU → pool → Linear: only layers SINGD trains."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
 
 
 def main() -> None:
@@ -54,8 +29,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    X_train, X_test, y_train, y_test = digits_tensors(args.seed)
-    model = small_cnn()
+    data = load_digits()
+    X_train, X_test, y_train, y_test = data.X_train, data.X_test, data.y_train, data.y_test
+    model = digits_cnn()
     loss_func = nn.CrossEntropyLoss()
     optim = SINGD(
         model,
