@@ -26,9 +26,13 @@ in full on every rank until step 2 (dense :math:`U, G` except for diagonal
 factors), and each step pays one all-gather of the natural gradients.
 
 Choose it for large **dense** factors (INGD, KFAC, IKFAC with wide layers), where
-the O(d³) refresh and the O(d²) factor memory dominate. For structured factors the
-replicated mode is cheaper: its statistics are as small as the factors, while this
-mode ships dense statistics and adds the all-gather.
+the O(d³) refresh and preconditioning and the O(d²) factor memory dominate. For
+structured factors the replicated mode is cheaper: its statistics are as small as the
+factors, while this mode ships dense statistics and adds the all-gather. One SINGD-
+specific cost: the owner forms :math:`\hat\Pi(K^\top \bar U K)` from the dense
+:math:`\bar U` in 2d³, where a replicated rank needs 2d²·rows from its own rows — with
+few rows per rank (vector inputs, small batches), INGD refreshing every step only
+breaks even on 2 ranks (docs/distributed.md has the measurements).
 
 Cost of a layer for the balance: :math:`\sum_{F \in \{K, C\}} n_F^{3/2}` with
 :math:`n_F` the number of stored entries of the factor — :math:`d^3` for a dense
