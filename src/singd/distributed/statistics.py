@@ -27,49 +27,78 @@ The same holds for :math:`G = G_m^\top G_m` and C.
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
-from singd.layers.base import LayerAdapter, input_matrix
+from singd.layers.base import (
+    LayerAdapter,
+    grad_output_diagonal,
+    grad_output_matrix,
+    input_matrix,
+)
 from singd.structures import Dense, Diagonal, DiagonalMatrix, Structure, StructuredMatrix
 
 _DENSE = Dense()
+_DIAGONAL = Diagonal()
+
+
+def _needs_only_diagonal(structure: Structure) -> bool:
+    """Whether factors of ``structure`` form H from diag(U) alone (the structure's hook)."""
+    return structure.matrix_cls.inner_needs_only_diagonal
 
 
 def input_statistic(
     structure: Structure, adapter: LayerAdapter, module: object, x: Tensor, approx: str
 ) -> StructuredMatrix:
-    r"""The statistic of :math:`U = A^\top A` a factor K of ``structure`` needs.
+    r"""The statistic of :math:`U = A^\top A` that a factor K of ``structure`` needs.
 
     ``x`` must already be in K's dtype (floating inputs). Returns a diagonal matrix
-    holding :math:`\operatorname{diag}(U)` for a diagonal K, else the dense :math:`U`.
+    holding :math:`\operatorname{diag}(U)` if the structure needs only that, else the
+    dense :math:`U`.
     """
-    if isinstance(structure, Diagonal):
+    if _needs_only_diagonal(structure):
         diag = adapter.input_diagonal(module, x, approx)  # type: ignore[arg-type]
         if x.is_floating_point():
             diag = diag.to(x.dtype)
-        return DiagonalMatrix(structure, diag.shape[0], {"diag": diag})
+        return DiagonalMatrix(_DIAGONAL, diag.shape[0], {"diag": diag})
     A = input_matrix(adapter, module, x, approx)  # type: ignore[arg-type]
     return _DENSE.from_mat_inner(A.T)
 
 
-def output_statistic(structure: Structure, Gm: Tensor) -> StructuredMatrix:
-    r"""The statistic of :math:`G = G_m^\top G_m` a factor C of ``structure`` needs."""
-    if isinstance(structure, Diagonal):
-        return DiagonalMatrix(structure, Gm.shape[1], {"diag": (Gm * Gm).sum(0)})
+def output_statistic(
+    structure: Structure,
+    adapter: LayerAdapter,
+    module: object,
+    g: Tensor,
+    approx: str,
+    loss_average: str | None,
+    previous_scale: float = 1.0,
+) -> StructuredMatrix:
+    r"""The statistic of :math:`G = G_m^\top G_m / s_{t-1}` that a factor C of ``structure``
+    needs (``g`` in C's dtype; :math:`s_{t-1}` the previous gradient scale, see
+    :mod:`singd.amp`): its diagonal, computed without forming :math:`G_m`, or dense."""
+    if _needs_only_diagonal(structure):
+        diag = grad_output_diagonal(adapter, module, g, approx, loss_average)  # type: ignore[arg-type]
+        if previous_scale != 1.0:
+            diag = diag / previous_scale
+        return DiagonalMatrix(_DIAGONAL, diag.shape[0], {"diag": diag})
+    Gm = grad_output_matrix(adapter, module, g, approx, loss_average)  # type: ignore[arg-type]
+    if previous_scale != 1.0:
+        Gm = Gm / math.sqrt(previous_scale)
     return _DENSE.from_mat_inner(Gm.T)
 
 
 def sandwich(K: StructuredMatrix, S: StructuredMatrix) -> StructuredMatrix:
-    r""":math:`\hat\Pi(K^\top U K)` from the statistic ``S`` of :func:`input_statistic`.
+    r""":math:`\hat\Pi(K^\top U K)` from a statistic ``S`` of :func:`input_statistic`.
 
-    For a dense statistic, :math:`K^\top U K` is formed with K's own ``rmatmat``
-    (:math:`K^\top (K^\top U)^\top`, using :math:`U = U^\top`), symmetrised against
-    round-off, and projected with the structure's :math:`\hat\Pi`.
+    A diagonal statistic goes to the factor's ``from_inner_diagonal``. For a dense one,
+    :math:`K^\top U K` is formed with K's own ``rmatmat`` (:math:`K^\top (K^\top U)^\top`,
+    using :math:`U = U^\top`), symmetrised against round-off, and projected with the
+    structure's :math:`\hat\Pi`.
     """
     if isinstance(S, DiagonalMatrix):
-        if not isinstance(K, DiagonalMatrix):
-            raise TypeError(f"A diagonal statistic needs a diagonal factor, got {K.structure}.")
-        return DiagonalMatrix(K.structure, K.dim, {"diag": K.diag.square() * S.diag.to(K.dtype)})
+        return K.from_inner_diagonal(S.diag)
     U = S.to_dense().to(K.dtype)
     M = K.rmatmat(K.rmatmat(U).T)
     return K.structure.from_dense((M + M.T) / 2)

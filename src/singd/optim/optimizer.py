@@ -277,14 +277,19 @@ class SINGD(KroneckerOptimizer):
             H_K = input_curvature(state.K, layer, x, approx)
             H_C = output_curvature(state.C, layer, g, approx, group["loss_average"], previous_scale)
         else:  # sharded: the owner forms H from the reduced U, G (singd.distributed.statistics)
-            Gm = grad_output_matrix(layer.adapter, layer.module, g, approx, group["loss_average"])
-            if previous_scale != 1.0:
-                Gm = Gm / previous_scale**0.5
             structure_K, structure_C = group["structures"]
-            x = x.to(dtype_K) if x.is_floating_point() else x
             structure_K = layer.adapter.input_structure or structure_K
+            x = x.to(dtype_K) if x.is_floating_point() else x
             H_K = input_statistic(structure_K, layer.adapter, layer.module, x, approx)
-            H_C = output_statistic(structure_C, Gm)
+            H_C = output_statistic(
+                structure_C,
+                layer.adapter,
+                layer.module,
+                g,
+                approx,
+                group["loss_average"],
+                previous_scale,
+            )
         for store, H in ((self._H_K, H_K), (self._H_C, H_C)):
             if layer.name in store:
                 store[layer.name].add_(H)
