@@ -14,9 +14,12 @@ gradient matrix itself is divided by :math:`s_t`. Before the first step
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
 
@@ -64,3 +67,16 @@ class GradScaleTracker:
     def end_step(self, next_step: int) -> None:
         """Forget scales that no later step needs."""
         self.scales = {k: v for k, v in self.scales.items() if k >= next_step - 1}
+
+
+@contextlib.contextmanager
+def autocast_disabled() -> Iterator[None]:
+    """Turn autocast off on every device type (the optimizer picks its own dtypes)."""
+    enabled = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    if not enabled:  # the common case: no context to enter (this runs in every hook)
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for device_type in enabled:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield

@@ -10,6 +10,7 @@ from singd.functional.factors import (
 from singd.functional.precondition import (
     apply_parameter_step,
     kfac_natural_gradient,
+    kl_clip_factor,
     natural_gradient,
 )
 
@@ -18,6 +19,7 @@ __all__ = [
     "FactorState",
     "apply_parameter_step",
     "kfac_natural_gradient",
+    "kl_clip_factor",
     "natural_gradient",
     "resolve_lr_cov",
     "riemannian_gradients",

@@ -46,35 +46,47 @@ def kfac_natural_gradient(P_K: Tensor, P_C: Tensor, G: Tensor) -> Tensor:
 def apply_parameter_step(
     params: list[Tensor],
     directions: list[Tensor],
-    momentum_buffers: list[Tensor | None],
+    states: list[dict[str, Tensor]],
     *,
     lr: float,
     momentum: float,
     weight_decay: float,
-) -> list[Tensor | None]:
-    """Apply :math:`\\mu \\leftarrow \\mu - \\beta_2 m_\\mu` in place (module docstring).
+) -> None:
+    """Apply :math:`\mu \leftarrow \mu - \beta_2 m_\mu` in place (module docstring).
 
     Args:
         params: Parameters to update.
-        directions: Their preconditioned gradients :math:`\\Delta`.
-        momentum_buffers: Existing buffers, or None where none exists yet (created
-            as zeros, so the first step's buffer is :math:`\\Delta + \\gamma\\mu`).
+        directions: Their preconditioned gradients :math:`\Delta`.
+        states: Per-parameter state dicts; ``momentum_buffer`` is created as zeros
+            on first use (so the first buffer is :math:`\Delta + \gamma\mu`), as in
+            ``torch.optim.SGD``.
         lr: β₂.
         momentum: α₂.
         weight_decay: γ.
-
-    Returns:
-        The updated momentum buffers (None everywhere if ``momentum == 0``).
     """
-    new_buffers: list[Tensor | None] = []
-    for p, d_p, buf in zip(params, directions, momentum_buffers, strict=True):
+    for p, d_p, state in zip(params, directions, states, strict=True):
         if weight_decay != 0:
             d_p = d_p.add(p, alpha=weight_decay)
         if momentum != 0:
+            buf = state.get("momentum_buffer")
             if buf is None:
-                buf = torch.zeros_like(p)
+                buf = state["momentum_buffer"] = torch.zeros_like(p)
             buf.mul_(momentum).add_(d_p)
             d_p = buf
         p.add_(d_p, alpha=-lr)
-        new_buffers.append(buf if momentum != 0 else None)
-    return new_buffers
+
+
+def kl_clip_factor(kl_terms: list[Tensor], *, lr: float, kl_clip: float) -> Tensor:
+    r"""KFAC's KL clipping: :math:`\nu = \min\bigl(1, \sqrt{c / (\beta_2^2 \sum_l
+    \langle G_l, \Delta_l \rangle)}\bigr)`.
+
+    :math:`\langle G, \Delta\rangle = \langle g, F^{-1} g\rangle` per layer, so
+    :math:`\beta_2^2 \sum_l \langle G_l, \Delta_l\rangle` is the (quadratic-model)
+    KL change of the step; scaling the natural gradients by :math:`\nu` bounds it by
+    :math:`c` = ``kl_clip``. Computed on the device, without synchronising.
+    """
+    terms = torch.stack(kl_terms)
+    total = terms.to(torch.promote_types(terms.dtype, torch.float32)).sum() * lr**2
+    return torch.clamp(
+        torch.sqrt(kl_clip / total.clamp_min(torch.finfo(total.dtype).tiny)), max=1.0
+    )

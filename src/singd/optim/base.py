@@ -29,122 +29,23 @@ parallelism (:mod:`singd.distributed`, the ``distributed`` strategy), ``_statist
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from singd.amp import GradScaleTracker
+from singd.amp import GradScaleTracker, autocast_disabled
 from singd.capture import StatisticsCapture
 from singd.distributed import Distributor, resolve_distributor, unwrap_model
-from singd.functional import apply_parameter_step
+from singd.functional import apply_parameter_step, kl_clip_factor
 from singd.functional.first_order import adamw_step
-from singd.layers import (
-    KFAC_APPROXIMATIONS,
-    LOSS_AVERAGES,
-    LayerAdapter,
-    find_adapter,
-    supported_layer_types,
-)
-
-FALLBACK_RULES = ("adamw", "sgd", None)
-
-#: Defaults of the fallback's own hyper-parameters (per param group). The fallback
-#: also reads the group's ``lr`` and ``weight_decay`` (decoupled for AdamW, coupled
-#: for SGD) and ``momentum`` (SGD), so LR schedulers drive it like the rest.
-FALLBACK_DEFAULTS: dict[str, Any] = {
-    "fallback": "adamw",
-    "fallback_betas": (0.9, 0.999),
-    "fallback_eps": 1e-8,
-}
-
-_DTYPES = {
-    str(d).removeprefix("torch."): d
-    for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """A supported layer: its name in the model, the module and its adapter."""
-
-    name: str
-    module: nn.Module
-    adapter: LayerAdapter
-
-    @property
-    def weight(self) -> nn.Parameter:
-        """The weight parameter."""
-        return self.adapter.parameters(self.module)[0]
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """Weight and bias (if any), in the order of :meth:`LayerAdapter.split_matrix`."""
-        return [p for p in self.adapter.parameters(self.module) if p is not None]
-
-    def trainable_params(self) -> list[nn.Parameter]:
-        """The parameters of :attr:`params` that require gradients."""
-        return [p for p in self.params if p.requires_grad]
-
-
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    """``torch.float32`` → ``"float32"`` (None stays None), for checkpoints."""
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(dtype: torch.dtype | str | None, what: str) -> torch.dtype | None:
-    """Accept a dtype, its name, or None; raise a clear error otherwise."""
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _DTYPES.values()):
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"Invalid {what} {dtype!r}. Valid: None, {', '.join(_DTYPES)}.")
-
-
-def check_nonnegative(name: str, value: Any) -> None:
-    """Numbers must be finite and ≥ 0 (callables are checked when called)."""
-    if callable(value):
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and non-negative, got {value}.")
-
-
-@contextlib.contextmanager
-def _autocast_disabled() -> Iterator[None]:
-    """Turn autocast off on every device type (the optimizer picks its own dtypes)."""
-    enabled = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-    if not enabled:  # the common case: no context to enter (this runs in every hook)
-        yield
-        return
-    with contextlib.ExitStack() as stack:
-        for device_type in enabled:
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
-
-
-def kl_clip_factor(kl_terms: list[Tensor], *, lr: float, kl_clip: float) -> Tensor:
-    r"""KFAC's KL clipping: :math:`\nu = \min\bigl(1, \sqrt{c / (\beta_2^2 \sum_l
-    \langle G_l, \Delta_l \rangle)}\bigr)`.
-
-    :math:`\langle G, \Delta\rangle = \langle g, F^{-1} g\rangle` per layer, so
-    :math:`\beta_2^2 \sum_l \langle G_l, \Delta_l\rangle` is the (quadratic-model)
-    KL change of the step; scaling the natural gradients by :math:`\nu` bounds it by
-    :math:`c` = ``kl_clip``. Computed on the device, without synchronising.
-    """
-    terms = torch.stack(kl_terms)
-    total = terms.to(torch.promote_types(terms.dtype, torch.float32)).sum() * lr**2
-    return torch.clamp(
-        torch.sqrt(kl_clip / total.clamp_min(torch.finfo(total.dtype).tiny)), max=1.0
-    )
+from singd.layers import supported_layer_types
+from singd.optim.registration import Layer, discover_layers, registration_report
+from singd.optim.validation import FALLBACK_DEFAULTS, validate_common_group
 
 
 class KroneckerOptimizer(Optimizer, ABC):
@@ -177,7 +78,9 @@ class KroneckerOptimizer(Optimizer, ABC):
         if grad_scaler is not None and grad_scaler.is_enabled() and init_grad_scale == 1.0:
             init_grad_scale = grad_scaler.get_scale()
         self._param_names = {p: name for name, p in model.named_parameters()}
-        self._layer_of_param, self._fallback_reasons = self._discover_layers(model)
+        self._layer_of_param, self._fallback_reasons = discover_layers(
+            model, self._unsupported_reason
+        )
         if params is None:
             trainable = [p for p in model.parameters() if p.requires_grad]
             if defaults["fallback"] is None:
@@ -206,40 +109,6 @@ class KroneckerOptimizer(Optimizer, ABC):
         self._distributor.attach(self, wrapper)
 
     # --- layer discovery -------------------------------------------------------------
-    def _discover_layers(
-        self, model: nn.Module
-    ) -> tuple[dict[nn.Parameter, Layer], dict[nn.Parameter, str]]:
-        """Map parameters to supported layers; give every other parameter a reason."""
-        owners: dict[nn.Parameter, list[Layer]] = {}
-        for name, module in model.named_modules():
-            adapter = find_adapter(module)
-            if adapter is None:
-                continue
-            adapter.check(module)
-            layer = Layer(name, module, adapter)
-            for p in layer.params:
-                owners.setdefault(p, []).append(layer)
-        layer_of_param: dict[nn.Parameter, Layer] = {}
-        reasons: dict[nn.Parameter, str] = {}
-        excluded: dict[str, str] = {}
-        for layers in owners.values():
-            if len(layers) > 1:
-                reason = "shared by layers " + ", ".join(repr(layer.name) for layer in layers)
-                for layer in layers:
-                    excluded[layer.name] = reason
-        for p, layers in owners.items():
-            layer = layers[0]
-            reason = excluded.get(layer.name) or self._unsupported_reason(layer)
-            if reason is None:
-                layer_of_param[p] = layer
-            else:
-                reasons[p] = reason
-        for module in model.modules():
-            for p in module.parameters(recurse=False):
-                if p not in owners:
-                    reasons.setdefault(p, f"{type(module).__name__} has no Kronecker adapter")
-        return layer_of_param, reasons
-
     def _unsupported_reason(self, layer: Layer) -> str | None:
         """Why this optimizer cannot precondition ``layer`` (None if it can)."""
         return None
@@ -249,31 +118,7 @@ class KroneckerOptimizer(Optimizer, ABC):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check and normalise a param group's hyper-parameters (subclasses extend)."""
-        for key in ("lr", "momentum", "weight_decay", "damping", "lr_cov"):
-            if key in group:
-                check_nonnegative(key, group[key])
-        T = group.get("T", 1)
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ValueError(f"T (the refresh interval) must be a positive integer, got {T!r}.")
-        if group.get("kfac_approx") not in KFAC_APPROXIMATIONS:
-            raise ValueError(
-                f"Invalid kfac_approx {group.get('kfac_approx')!r}. Valid: {KFAC_APPROXIMATIONS}."
-            )
-        if group["fallback"] not in FALLBACK_RULES:
-            raise ValueError(f"Invalid fallback {group['fallback']!r}. Valid: {FALLBACK_RULES}.")
-        betas = group["fallback_betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2) or not all(
-            isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas
-        ):
-            raise ValueError(f"fallback_betas must be two numbers in [0, 1), got {betas!r}.")
-        group["fallback_betas"] = tuple(float(b) for b in betas)
-        check_nonnegative("fallback_eps", group["fallback_eps"])
-        if group["kl_clip"] is not None:
-            check_nonnegative("kl_clip", group["kl_clip"])
-        if group.get("loss_average") not in LOSS_AVERAGES:
-            raise ValueError(
-                f"Invalid loss_average {group.get('loss_average')!r}. Valid: {LOSS_AVERAGES}."
-            )
+        validate_common_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its parameters must be the weights/biases of supported layers.
@@ -350,7 +195,7 @@ class KroneckerOptimizer(Optimizer, ABC):
 
     def _on_statistics(self, layer_name: str, x: Tensor, grad_output: Tensor) -> None:
         layer = self._layers[layer_name]
-        with _autocast_disabled():
+        with autocast_disabled():
             self._accumulate(layer, self.group_of(layer_name), x, grad_output)
 
     def set_current_grad_scale(self, scale: float) -> None:
@@ -432,7 +277,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with _autocast_disabled():
+        with autocast_disabled():
             self._step()
         return loss
 
@@ -473,18 +318,14 @@ class KroneckerOptimizer(Optimizer, ABC):
             if kl_terms:
                 nu = kl_clip_factor(kl_terms, lr=group["lr"], kl_clip=group["kl_clip"])
                 directions = [d * nu.to(d.dtype) for d in directions]
-            buffers = [self.state[p].get("momentum_buffer") for p in params]
-            buffers = apply_parameter_step(
+            apply_parameter_step(
                 params,
                 directions,
-                buffers,
+                [self.state[p] for p in params],
                 lr=group["lr"],
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
             )
-            for p, buf in zip(params, buffers, strict=True):
-                if buf is not None:
-                    self.state[p]["momentum_buffer"] = buf
         self._finish_step()
 
     def _resolve_grad_scale(self, t: int) -> float:
@@ -617,17 +458,14 @@ class KroneckerOptimizer(Optimizer, ABC):
                     weight_decay=group["weight_decay"],
                 )
             else:
-                buffers = apply_parameter_step(
+                apply_parameter_step(
                     params,
                     grads,  # type: ignore[arg-type]
-                    [self.state[p].get("momentum_buffer") for p in params],
+                    [self.state[p] for p in params],
                     lr=group["lr"],
                     momentum=group["momentum"],
                     weight_decay=group["weight_decay"],
                 )
-                for p, buf in zip(params, buffers, strict=True):
-                    if buf is not None:
-                        self.state[p]["momentum_buffer"] = buf
 
     def _finish_step(self) -> None:
         self.steps += 1
@@ -649,43 +487,9 @@ class KroneckerOptimizer(Optimizer, ABC):
     def describe(self) -> str:
         """A table of how every trainable parameter of the model is handled.
 
-        One row per Kronecker layer (type, parameters, factor structures and
-        dimensions, bytes of optimizer state: factors, momenta and momentum buffers),
-        then one row per fallback parameter with its rule, the reason it gets no
-        Kronecker factors, and its state bytes; the total comes last. Factors are
-        allocated at the first step: before that their bytes are what they will take.
+        See :func:`singd.optim.registration.registration_report`.
         """
-        rows = [("layer", "type", "parameters", "preconditioner", "state bytes")]
-        total = 0
-        for name, layer in self._layers.items():
-            factors, nbytes = self._describe_layer(layer)
-            nbytes += self._state_bytes(layer.params)
-            total += nbytes
-            params = ", ".join(
-                n.rsplit(".", 1)[-1] for n in (self._param_names[p] for p in layer.params)
-            )
-            rows.append((name or "<model>", type(layer.module).__name__, params, factors, nbytes))
-        for p, index in self._fallback_group.items():
-            rule = self.param_groups[index]["fallback"]
-            nbytes = self._state_bytes([p])
-            total += nbytes
-            reason = self._fallback_reasons.get(p, "")
-            rows.append((self._param_names.get(p, "?"), "fallback", rule, reason, nbytes))
-        untrained = [
-            name
-            for p, name in self._param_names.items()
-            if p.requires_grad and p not in self._fallback_group and p not in self._layer_of_param
-        ]
-        widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
-        lines = [
-            "  ".join(str(cell).ljust(w) for cell, w in zip(row[:4], widths, strict=True))
-            + f"  {row[4]}"
-            for row in rows
-        ]
-        lines.append(f"total optimizer state: {total} bytes")
-        if untrained:
-            lines.append(f"not trained by this optimizer: {', '.join(untrained)}")
-        return "\n".join(lines)
+        return registration_report(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(\n{self.describe()}\n)"

@@ -18,7 +18,8 @@ from singd.distributed import Distributor
 from singd.functional import kfac_natural_gradient, resolve_lr_cov
 from singd.functional.kfac import damped_inverse, ema_update
 from singd.layers import grad_output_matrix, input_matrix
-from singd.optim.base import KroneckerOptimizer, Layer, check_nonnegative, dtype_name, parse_dtype
+from singd.optim.base import KroneckerOptimizer, Layer
+from singd.optim.validation import check_nonnegative, dtype_name, parse_dtype
 
 _STATE_NAMES = ("S_K", "S_C", "P_K", "P_C")
 

@@ -30,7 +30,8 @@ from singd.functional import (
     update_factors,
 )
 from singd.layers import grad_output_diagonal, grad_output_matrix, input_matrix
-from singd.optim.base import KroneckerOptimizer, Layer, check_nonnegative, dtype_name, parse_dtype
+from singd.optim.base import KroneckerOptimizer, Layer
+from singd.optim.validation import check_nonnegative, dtype_name, parse_dtype
 from singd.structures import StructuredMatrix, parse_structure
 
 _FACTOR_NAMES = ("K", "C", "m_K", "m_C")
