@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -84,10 +85,13 @@ def test_every_parameter_trains_with_defaults(name: str) -> None:
     loss_fn(model, gen)  # materialise lazy layers
     optim = SINGD(model, T=2, lr=1e-2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for _ in range(3):
-        optim.zero_grad()
-        loss_fn(model, gen).backward()
-        optim.step()
+    with warnings.catch_warnings():
+        # only the transformer's attention projection is demoted (tested below)
+        warnings.filterwarnings("ignore", message=".*forward hook never fired")
+        for _ in range(3):
+            optim.zero_grad()
+            loss_fn(model, gen).backward()
+            optim.step()
     for n, p in model.named_parameters():
         assert torch.isfinite(p).all(), n
         assert not torch.equal(p, before[n]), f"{n} was not trained"

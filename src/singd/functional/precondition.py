@@ -52,7 +52,7 @@ def apply_parameter_step(
     momentum: float,
     weight_decay: float,
 ) -> None:
-    """Apply :math:`\mu \leftarrow \mu - \beta_2 m_\mu` in place (module docstring).
+    r"""Apply :math:`\mu \leftarrow \mu - \beta_2 m_\mu` in place (module docstring).
 
     Args:
         params: Parameters to update.
