@@ -496,12 +496,22 @@ class KroneckerOptimizer(Optimizer, ABC):
 
     # --- checkpointing -----------------------------------------------------------------
     def _plain_group(self, group: dict[str, Any]) -> dict[str, Any]:
-        """A param group with only plain values (subclasses convert their own types)."""
-        return dict(group)
+        """A param group with only plain values (subclasses convert their own types).
+
+        A callable ``lr_cov`` is code, so it is not saved: the optimizer that loads
+        the checkpoint keeps its own schedule.
+        """
+        plain = dict(group)
+        if callable(group["lr_cov"]):
+            plain["lr_cov"] = None
+        return plain
 
     def _restore_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
         """Inverse of :meth:`_plain_group`, given the current group."""
-        return dict(saved)
+        restored = dict(saved)
+        if restored.get("lr_cov") is None:
+            restored["lr_cov"] = current["lr_cov"]
+        return restored
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain Python values only; layers are keyed by module name.

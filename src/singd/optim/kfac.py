@@ -207,17 +207,10 @@ class KFAC(KroneckerOptimizer):
         return kfac_natural_gradient(state["P_K"], state["P_C"], G)
 
     def _plain_group(self, group: dict[str, Any]) -> dict[str, Any]:
-        plain = dict(group)
+        plain = super()._plain_group(group)
         plain["factor_dtype"] = dtype_name(group["factor_dtype"])
         plain["inverse_dtype"] = dtype_name(group["inverse_dtype"])
-        if callable(group["lr_cov"]):
-            plain["lr_cov"] = None
         return plain
-
-    def _restore_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-        if saved.get("lr_cov") is None:
-            saved["lr_cov"] = current["lr_cov"]
-        return saved
 
     def _layer_state(self, layer: Layer) -> dict[str, Tensor]:
         return dict(self._kfac_state.get(layer.name, {}))

@@ -365,16 +365,13 @@ class SINGD(KroneckerOptimizer):
 
     # --- checkpointing ---------------------------------------------------------------
     def _plain_group(self, group: dict[str, Any]) -> dict[str, Any]:
-        plain = dict(group)
+        plain = super()._plain_group(group)
         plain["structures"] = tuple(str(s) for s in group["structures"])
         plain["preconditioner_dtype"] = tuple(dtype_name(d) for d in group["preconditioner_dtype"])
-        if callable(group["lr_cov"]):
-            plain["lr_cov"] = None  # a schedule is code: it stays with the optimizer
         return plain
 
     def _restore_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-        if saved.get("lr_cov") is None:
-            saved["lr_cov"] = current["lr_cov"]
+        saved = super()._restore_group(saved, current)
         if tuple(parse_structure(s) for s in saved["structures"]) != current["structures"]:
             raise ValueError(
                 f"The checkpoint uses structures {saved['structures']}, this optimizer "
