@@ -161,6 +161,16 @@ def test_checkpoint_is_keyed_by_module_names() -> None:
     assert set(layers["3"]) == {"K.mat", "C.mat", "m_K.mat", "m_C.mat"}
 
 
+def test_published_attribute_names_view_the_factors() -> None:
+    model = cnn()
+    optim = SINGD(model, T=1, structures=("dense", "diagonal"))
+    train(model, optim, batches(1))
+    assert set(optim.Ks) == set(optim.Cs) == set(optim.m_Ks) == set(optim.m_Cs) == {"0", "3", "5"}
+    assert optim.Ks["3"] is optim.factors("3").K
+    assert optim.Cs["3"].to_dense().shape == (20, 20)
+    assert not SINGD(cnn(), kfac_like=True, alpha1=0.0).m_Ks
+
+
 def test_checkpoint_with_other_structures_is_refused() -> None:
     model = cnn()
     optim = SINGD(model, T=1)

@@ -245,6 +245,27 @@ class SINGD(KroneckerOptimizer):
         dtype_K, dtype_C = self.group_of(layer.name)["preconditioner_dtype"]
         return dtype_K or layer.weight.dtype, dtype_C or layer.weight.dtype
 
+    # Read-only views under the published implementation's attribute names.
+    @property
+    def Ks(self) -> dict[str, StructuredMatrix]:
+        """K of every layer with factors, by module name (published attribute name)."""
+        return {name: state.K for name, state in self._factors.items()}
+
+    @property
+    def Cs(self) -> dict[str, StructuredMatrix]:
+        """C of every layer with factors, by module name (published attribute name)."""
+        return {name: state.C for name, state in self._factors.items()}
+
+    @property
+    def m_Ks(self) -> dict[str, StructuredMatrix]:
+        """m_K where it exists (α₁ ≠ 0), by module name (published attribute name)."""
+        return {n: s.m_K for n, s in self._factors.items() if s.m_K is not None}
+
+    @property
+    def m_Cs(self) -> dict[str, StructuredMatrix]:
+        """m_C where it exists (α₁ ≠ 0), by module name (published attribute name)."""
+        return {n: s.m_C for n, s in self._factors.items() if s.m_C is not None}
+
     def factors(self, layer_name: str) -> FactorState:
         """The factors (K, C, m_K, m_C) of a layer, created as K = I, C = I on first use."""
         state = self._factors.get(layer_name)
