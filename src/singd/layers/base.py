@@ -64,10 +64,7 @@ class LayerAdapter(ABC):
 
         Override when the weight-sharing format is costly to copy (convolutions).
         """
-        a = self.shared_inputs(module, x).flatten(0, 1)
-        if self.parameters(module)[1] is not None:
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-        return a / math.sqrt(a.shape[0])
+        return scaled_with_bias_column(self, module, self.shared_inputs(module, x).flatten(0, 1))
 
     def input_diagonal(self, module: nn.Module, x: Tensor, approx: str) -> Tensor:
         r""":math:`\operatorname{diag}(A^\top A)`, all a diagonal K needs from the input.
@@ -122,10 +119,19 @@ def input_matrix(adapter: LayerAdapter, module: nn.Module, x: Tensor, approx: st
     """The processed input :math:`A` ``[rows, d_K]`` for ``U = AᵀA`` (module docstring)."""
     if approx == "expand":
         return adapter.expanded_input_matrix(module, x)
-    a = adapter.reduced_inputs(module, x)
-    if adapter.parameters(module)[1] is not None:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-    return a / math.sqrt(a.shape[0])
+    return scaled_with_bias_column(adapter, module, adapter.reduced_inputs(module, x))
+
+
+def scaled_with_bias_column(adapter: LayerAdapter, module: nn.Module, a: Tensor) -> Tensor:
+    """``[a | 1] / √rows`` written in one pass into a preallocated matrix (no concat copy)."""
+    rows, features = a.shape
+    root = math.sqrt(rows)  # divided, not multiplied by 1/√rows: the published rounding
+    bias = adapter.parameters(module)[1] is not None
+    out = a.new_empty(rows, features + bias)
+    torch.div(a, root, out=out[:, :features])
+    if bias:
+        out[:, features].fill_(1.0).div_(root)
+    return out
 
 
 def grad_output_matrix(

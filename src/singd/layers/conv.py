@@ -113,13 +113,13 @@ class ConvAdapter(LayerAdapter):
         slices = kernel_slices(module, x.movedim(1, -1), channels_last=True)  # [B, *O, c]
         c, K, bias = x.shape[1], len(slices), module.bias is not None
         rows = slices[0].shape[:-1].numel()
-        scale = 1.0 / math.sqrt(rows)
+        root = math.sqrt(rows)  # divided, not multiplied by 1/√rows: the published rounding
         A = x.new_empty(rows, c * K + bias)
         patches = A[:, : c * K].view(*slices[0].shape[:-1], c, K)
         for k, s in enumerate(slices):
-            torch.mul(s, scale, out=patches[..., k])
+            torch.div(s, root, out=patches[..., k])
         if bias:
-            A[:, -1] = scale
+            A[:, -1].fill_(1.0).div_(root)
         return A
 
     def shared_grad_outputs(self, module: nn.modules.conv._ConvNd, g: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ Theorem 1 (IKFAC ≈ KFAC to first order in β₁) can be tested. Statistics sta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -143,7 +144,7 @@ class KFAC(KroneckerOptimizer):
         )
         previous_scale = self._scales.previous(self.steps)
         if previous_scale != 1.0:
-            Gm = Gm / previous_scale**0.5
+            Gm = Gm / math.sqrt(previous_scale)
         for store, stat in ((self._U, A.T @ A), (self._G, Gm.T @ Gm)):
             if layer.name in store:
                 store[layer.name].add_(stat)

@@ -13,6 +13,7 @@ Paper symbol ↔ argument: β₂ ``lr``, α₂ ``momentum``, λ ``damping``, α�
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -70,7 +71,7 @@ def output_curvature(
         return C.from_inner_diagonal(diag / previous_scale if previous_scale != 1.0 else diag)
     Gm = grad_output_matrix(layer.adapter, layer.module, g, approx, loss_average)
     if previous_scale != 1.0:
-        Gm = Gm / previous_scale**0.5
+        Gm = Gm / math.sqrt(previous_scale)
     return C.from_inner(Gm.T)
 
 
