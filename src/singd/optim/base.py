@@ -113,9 +113,6 @@ class KroneckerOptimizer(Optimizer, ABC):
         """Why this optimizer cannot precondition ``layer`` (None if it can)."""
         return None
 
-    def _unique_layers(self) -> list[Layer]:
-        return list({layer.name: layer for layer in self._layer_of_param.values()}.values())
-
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check and normalise a param group's hyper-parameters (subclasses extend)."""
         validate_common_group(group)

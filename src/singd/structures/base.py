@@ -307,9 +307,5 @@ class StructuredMatrix(ABC):
         norms = [torch.linalg.vector_norm(t) for t in self._tensors.values()]
         return torch.linalg.vector_norm(torch.stack(norms))
 
-    def is_finite(self) -> bool:
-        """Whether every stored entry is finite."""
-        return all(bool(torch.isfinite(t).all()) for t in self._tensors.values())
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.structure}, dim={self.dim}, dtype={self.dtype})"
