@@ -53,6 +53,14 @@ def assert_same_params(a: nn.Module, b: nn.Module, *, exact: bool = False) -> No
             torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=name)
 
 
+def twin_cnns() -> tuple[nn.Sequential, nn.Sequential]:
+    """Two copies of the test CNN with identical weights."""
+    torch.manual_seed(0)
+    a, b = cnn(), cnn()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
 HYPER = {"lr": 5e-3, "damping": 1e-3, "weight_decay": 1e-2, "lr_cov": 1e-2, "T": 1}
 
 
@@ -80,10 +88,7 @@ def test_import_paths() -> None:
 def test_gradient_accumulation_equals_big_batch() -> None:
     """INGD is invariant to U ← nU, G ← G/n, so 8 micro-batches of 6 equal one batch of 48."""
     data = batches(6, 48)
-    torch.manual_seed(0)
-    big = cnn()
-    small = cnn()
-    small.load_state_dict(big.state_dict())
+    big, small = twin_cnns()
     opt_big = SINGD(big, **HYPER)
     opt_small = SINGD(small, **HYPER)
     train(big, opt_big, data)
@@ -97,9 +102,7 @@ def test_gradient_accumulation_equals_big_batch() -> None:
 
 def test_param_groups_equal_separate_optimizers() -> None:
     data = batches(12)
-    torch.manual_seed(0)
-    one, two = cnn(), cnn()
-    two.load_state_dict(one.state_dict())
+    one, two = twin_cnns()
     conv_kw = {"structures": ("diagonal", "diagonal"), "T": 1, "alpha1": 0.2, "lr": 3e-3}
     linear_kw = {"structures": ("dense", "dense"), "T": 3, "alpha1": 0.5, "lr": 1e-2}
     grouped = SINGD(
@@ -194,9 +197,7 @@ def test_inplace_activations_match_out_of_place() -> None:
 
 def test_no_grad_forward_is_ignored() -> None:
     data = batches(4)
-    torch.manual_seed(0)
-    a, b = cnn(), cnn()
-    b.load_state_dict(a.state_dict())
+    a, b = twin_cnns()
     train(a, SINGD(a, **HYPER), data)
     optim = SINGD(b, **HYPER)
     for X, y in data:
@@ -210,9 +211,7 @@ def test_no_grad_forward_is_ignored() -> None:
 
 def test_closure_matches_explicit_loop() -> None:
     data = batches(4)
-    torch.manual_seed(0)
-    a, b = cnn(), cnn()
-    b.load_state_dict(a.state_dict())
+    a, b = twin_cnns()
     train(a, SINGD(a, **HYPER), data)
     optim = SINGD(b, **HYPER)
     for X, y in data:

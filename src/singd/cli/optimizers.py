@@ -59,43 +59,21 @@ HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
 #: accuracy of each one's best (SINGD-diagonal: 2.4 points): λ = 0.1 and
 #: β₁ = 0.1 (with K = C = I at the start, a large β₁ lets the factors adapt within the first
 #: hundred steps), and T = 5, which costs less than T = 1 at about the same accuracy.
+_KRONECKER_DEFAULTS = {
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "damping": 0.1,
+    "lr_cov": 0.1,
+    "T": 5,
+}
 DEFAULT_HYPERPARAMETERS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
     "adamw": {"lr": 3e-3, "weight_decay": 1e-2},
-    "kfac": {
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-        "damping": 0.1,
-        "lr_cov": 0.1,
-        "T": 5,
-    },
-    "ikfac": {
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-        "damping": 0.1,
-        "lr_cov": 0.1,
-        "T": 5,
-    },
-    "ingd": {
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-        "damping": 0.1,
-        "lr_cov": 0.1,
-        "alpha1": 0.5,
-        "T": 5,
-    },
-    "singd": {
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-        "damping": 0.1,
-        "lr_cov": 0.1,
-        "alpha1": 0.5,
-        "T": 5,
-    },
+    "kfac": dict(_KRONECKER_DEFAULTS),
+    "ikfac": dict(_KRONECKER_DEFAULTS),
+    "ingd": {**_KRONECKER_DEFAULTS, "alpha1": 0.5},
+    "singd": {**_KRONECKER_DEFAULTS, "alpha1": 0.5},
 }
 
 #: The structures the paper and the published code name.
