@@ -413,6 +413,12 @@ PROCESSING_LAYERS = {
         (3, 4, 7, 6),
         (3, 6, 3, 2),
     ),
+    # more channels than output columns: the channels-last branch of the patch matrix
+    "conv2d-many-channels": (
+        lambda b: nn.Conv2d(5, 3, 2, padding=1, bias=b),
+        (2, 5, 3, 3),
+        (2, 3, 4, 4),
+    ),
 }
 
 

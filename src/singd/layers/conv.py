@@ -57,16 +57,10 @@ def group_averaged_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], module.groups, -1, *x.shape[2:]).mean(1)
 
 
-def kernel_slices(
-    module: nn.modules.conv._ConvNd, x_padded: Tensor, channels_last: bool = False
-) -> list[Tensor]:
-    """For each kernel offset (row-major), the input entries it multiplies (views).
-
-    ``[B, c, *O]`` slices of a ``[B, c, *I]`` input, or ``[B, *O, c]`` slices of a
-    channels-last ``[B, *I, c]`` input.
-    """
-    first = 1 if channels_last else 2
-    spatial = x_padded.shape[first : first + len(module.kernel_size)]
+def kernel_slices(module: nn.modules.conv._ConvNd, x_padded: Tensor) -> list[Tensor]:
+    """For each kernel offset (row-major), the input entries it multiplies: ``[B, c, *O]``
+    views of a ``[B, c, *I]`` input."""
+    spatial = x_padded.shape[2:]
     outs = [
         (size - d * (k - 1) - 1) // s + 1
         for size, k, d, s in zip(
@@ -75,7 +69,7 @@ def kernel_slices(
     ]
     slices = []
     for offset in itertools.product(*(range(k) for k in module.kernel_size)):
-        index = [slice(None)] * first
+        index = [slice(None)] * 2
         for o, d, s, n in zip(offset, module.dilation, module.stride, outs, strict=True):
             index.append(slice(o * d, o * d + s * (n - 1) + 1, s))
         slices.append(x_padded[tuple(index)])
@@ -106,18 +100,32 @@ class ConvAdapter(LayerAdapter):
     def expanded_input_matrix(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
         """KFAC-expand's patch matrix written in one pass (the hook's largest tensor).
 
-        Channels-last views of the padded input are scaled straight into the
-        preallocated ``[B·R, c·K (+1)]`` result: no unfold, transpose or concat copies.
+        Each kernel offset's slice of the padded input is scaled straight into a
+        preallocated result: no unfold, transpose or concat copies. The copy runs
+        along whichever of the two layouts has the longer contiguous stretches
+        (measured: up to 5× apart): while an output row holds at least as many
+        positions as there are channels, ``Aᵀ`` is written row by row from the
+        channel-first input (runs of one output row), otherwise ``A`` from
+        channels-last views (runs of ``c`` channels). Both give the same numbers.
         """
         x = pad_input(module, group_averaged_input(module, self._unbatched(module, x)))
-        slices = kernel_slices(module, x.movedim(1, -1), channels_last=True)  # [B, *O, c]
-        c, K, bias = x.shape[1], len(slices), module.bias is not None
-        rows = slices[0].shape[:-1].numel()
+        c, bias = x.shape[1], module.bias is not None
+        channels_first = kernel_slices(module, x)  # views [B, c, *O]
+        out_shape = channels_first[0].shape
+        rows, K = out_shape[0] * out_shape[2:].numel(), len(channels_first)
         root = math.sqrt(rows)  # divided, not multiplied by 1/√rows: the published rounding
-        A = x.new_empty(rows, c * K + bias)
-        patches = A[:, : c * K].view(*slices[0].shape[:-1], c, K)
-        for k, s in enumerate(slices):
-            torch.div(s, root, out=patches[..., k])
+        if out_shape[-1] >= c:
+            A_T = x.new_empty(c * K + bias, rows)
+            patches = A_T[: c * K].view(c, K, out_shape[0], *out_shape[2:])
+            for k, s in enumerate(channels_first):
+                torch.div(s.transpose(0, 1), root, out=patches[:, k])
+            A = A_T.T
+        else:
+            slices = [s.movedim(1, -1) for s in channels_first]  # [B, *O, c]
+            A = x.new_empty(rows, c * K + bias)
+            patches = A[:, : c * K].view(*slices[0].shape[:-1], c, K)
+            for k, s in enumerate(slices):
+                torch.div(s, root, out=patches[..., k])
         if bias:
             A[:, -1].fill_(1.0).div_(root)
         return A
