@@ -109,13 +109,14 @@ def _coefficient_spectrum(t: Tensor, L: int, transpose: bool, work: torch.dtype)
 
 
 def lower_toeplitz(t: Tensor) -> Tensor:
-    """The dense ``[d, d]`` :math:`T(t)`: :math:`T(t)_{ij} = t_{i-j}` for :math:`i \\ge j`."""
+    """The dense ``[d, d]`` :math:`T(t)`: :math:`T(t)_{ij} = t_{i-j}` for :math:`i \\ge j`.
+
+    A Hankel view :math:`H_{ij} = r_{i+j}` of :math:`r = (t_{d-1}, …, t_0, 0, …, 0)`
+    flipped upside down: one copy, no index tensors.
+    """
     d = t.shape[0]
-    i = torch.arange(d, device=t.device)
-    lags = i.unsqueeze(1) - i.unsqueeze(0)
-    return torch.where(
-        lags >= 0, t[lags.clamp(min=0)], torch.zeros((), dtype=t.dtype, device=t.device)
-    )
+    r = torch.cat([t.flip(0), t.new_zeros(max(d - 1, 0))])
+    return r.as_strided((d, d), (1, 1)).flip(0)
 
 
 def subdiagonal_sums(M: Tensor) -> Tensor:
