@@ -64,16 +64,23 @@ def apply_parameter_step(
         momentum: α₂.
         weight_decay: γ.
     """
-    for p, d_p, state in zip(params, directions, states, strict=True):
-        if weight_decay != 0:
-            d_p = d_p.add(p, alpha=weight_decay)
-        if momentum != 0:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(p)
-            buf.mul_(momentum).add_(d_p)
-            d_p = buf
-        p.add_(d_p, alpha=-lr)
+    if not params:
+        return
+    # Multi-tensor (foreach) kernels: the same arithmetic per tensor as the loop
+    # ``buf.mul_(α₂).add_(Δ + γμ); μ.add_(buf, alpha=-β₂)``, without its per-tensor
+    # dispatch overhead.
+    if weight_decay != 0:
+        directions = torch._foreach_add(directions, params, alpha=weight_decay)
+    if momentum != 0:
+        buffers = []
+        for p, state in zip(params, states, strict=True):
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buffers.append(state["momentum_buffer"])
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, directions)
+        directions = buffers
+    torch._foreach_add_(params, directions, alpha=-lr)
 
 
 def kl_clip_factor(kl_terms: list[Tensor], *, lr: float, kl_clip: float) -> Tensor:
