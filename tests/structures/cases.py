@@ -49,14 +49,18 @@ DIMS = [1, 2, 5, 17, 30, 64]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 #: Structures with more than one code path by size: every case runs each path, the
-#: threshold forced to 0 for the large-``d`` one (module attribute, value).
-ROUTES: dict[str, dict[str, tuple[str, int] | None]] = {
-    "tril_toeplitz": {"direct": None, "fft": ("singd.structures.toeplitz.DIRECT_MAX_DIM", 0)},
-    "triu_toeplitz": {"direct": None, "fft": ("singd.structures.toeplitz.DIRECT_MAX_DIM", 0)},
+#: large-``d`` one forced by zeroing its thresholds (module attribute, value pairs).
+_TOEPLITZ_FFT = (
+    ("singd.structures.toeplitz.DIRECT_MAX_DIM", 0),
+    ("singd.structures.toeplitz.FFT_UNIT_COST", 0.0),
+)
+ROUTES: dict[str, dict[str, tuple[tuple[str, float], ...] | None]] = {
+    "tril_toeplitz": {"direct": None, "fft": _TOEPLITZ_FFT},
+    "triu_toeplitz": {"direct": None, "fft": _TOEPLITZ_FFT},
 }
 
 
-def routes(spec: Structure) -> dict[str, tuple[str, int] | None]:
+def routes(spec: Structure) -> dict[str, tuple[tuple[str, float], ...] | None]:
     """The code paths of ``spec`` to test (``{"default": None}`` for one path)."""
     return ROUTES.get(spec.name, {"default": None})
 

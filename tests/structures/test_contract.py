@@ -49,8 +49,7 @@ def _case_id(case) -> str:
 @pytest.fixture(params=CASES, ids=[_case_id(c) for c in CASES])
 def case(request, monkeypatch):
     spec, d, dtype, route = request.param
-    setting = routes(spec)[route]
-    if setting is not None:
+    for setting in routes(spec)[route] or ():
         monkeypatch.setattr(*setting)
     return spec, d, dtype, generator(str(spec), d, dtype)
 

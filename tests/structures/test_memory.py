@@ -15,10 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from singd.structures import Dense
-from singd.structures.toeplitz import DIRECT_MAX_DIM
+from singd.structures.toeplitz import DIRECT_MAX_DIM, dense_gram_is_cheaper, fft_length
 from tests.structures.cases import SPECS, generator, random_columns, random_structured
 
-D = 512  # above every size threshold (the Toeplitz FFT route starts above DIRECT_MAX_DIM)
+D = 512  # above every size threshold (Toeplitz: above DIRECT_MAX_DIM and n < d, so FFTs)
 N = D // 8
 
 
@@ -69,3 +69,18 @@ def test_no_d_by_d_intermediate(spec, dtype):
     assert _guarded(lambda: spec.from_mat_inner(X)) == []
     assert _guarded(lambda: K.matmat(X)) == []
     assert _guarded(lambda: K.rmatmat(X)) == []
+
+
+@pytest.mark.parametrize("d", [DIRECT_MAX_DIM + 1, 300, 1153])
+def test_toeplitz_dense_route_needs_no_more_memory_than_its_input(d):
+    """Above DIRECT_MAX_DIM the ``d × d`` route is taken only while ``d ≤ n`` (and then
+    only where cheaper): with fewer columns than rows it is never taken."""
+    for n in (1, d // 2, d - 1):
+        assert not dense_gram_is_cheaper(d, n, fft_length(2 * d - 1))
+
+
+def test_toeplitz_route_costs():
+    """Many columns (a convolution's patch statistics): dense for small d (d² n against
+    n·L·log L), FFTs for large d; few columns: FFTs."""
+    assert dense_gram_is_cheaper(DIRECT_MAX_DIM + 1, 10**6, fft_length(2 * DIRECT_MAX_DIM + 1))
+    assert not dense_gram_is_cheaper(1153, 10**6, fft_length(2 * 1153 - 1))

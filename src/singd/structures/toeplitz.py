@@ -37,9 +37,11 @@ the summed autocorrelations of the columns of :math:`S` (Wiener–Khinchin:
 :math:`\hat\Pi(K^\top X X^\top K)` each chunk of columns goes through
 FFT → multiply by :math:`\hat t` → inverse FFT → truncate to :math:`d` rows
 (:math:`S = K^\top X`) → FFT → :math:`|\cdot|^2`, summed over columns: three FFTs of the
-chunk and :math:`O(L)` extra memory (for small :math:`d` the ``d × d`` Gram matrix of
-the direct route is at most :math:`128^2` numbers). :math:`\hat\Pi(K^\top K)` has the
-closed form
+chunk and :math:`O(L)` extra memory. Where it is cheaper the dense route forms the
+``d × d`` matrix :math:`T'(XX^\top)T'^\top` instead, but above
+:data:`DIRECT_MAX_DIM` only while that matrix is no larger than ``X`` (:math:`d \le
+n`), so it never needs more memory than the input (:func:`dense_gram_is_cheaper`).
+:math:`\hat\Pi(K^\top K)` has the closed form
 :math:`c_k = \sum_{u \ge k} (d-u)\, t_u t_{u-k}` (a correlation of :math:`d`-vectors;
 the same for both orientations).
 """
@@ -47,6 +49,7 @@ the same for both orientations).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -56,10 +59,15 @@ from torch import Tensor
 from singd.structures.base import Structure, StructuredMatrix
 
 #: Up to this size, products with the dense ``d × d`` matrix (at most 16384 numbers,
-#: less than one FFT chunk) beat the FFTs. ``from_inner`` on one CPU thread, FFT vs
-#: dense: 12 vs 1.8 ms (d = 28, n = 32768), 9 vs 8 ms (d = 100, n = 8192), 17 vs 22 ms
-#: (d = 200, n = 8192), 8 vs 12 ms (d = 289, n = 2048).
+#: less than one FFT chunk) beat the FFTs: e.g. ``from_inner`` at d = 28, n = 32768 on
+#: one CPU thread, 7.2 ms through FFTs, 0.9 ms dense.
 DIRECT_MAX_DIM = 128
+
+#: Relative cost of one ``n × L`` FFT unit (``n L log₂ L``, three passes) against one
+#: multiply-add of a dense product, for choosing the route of the diagonal sums of a
+#: Gram matrix (:func:`gram_diagonal_sums`): fitted on one CPU thread, where it predicts
+#: the measured times within 25 % from d = 28 to 1153 and n = 145 to 32768.
+FFT_UNIT_COST = 16.0
 
 #: Columns per FFT chunk are chosen so that a chunk's spectrum (complex, about
 #: ``chunk × L / 2`` numbers) stays within a few MB of cache: measured 2-3× faster
@@ -149,16 +157,16 @@ def toeplitz_matmat(t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
 def gram_diagonal_sums(X: Tensor, t: Tensor | None = None, transpose: bool = False) -> Tensor:
     r""":math:`c_k = \sum_i (S S^\top)_{i+k,\,i}`, :math:`k = 0..d-1`, for ``X`` ``[d, n]``.
 
-    :math:`S = X`, or :math:`S = T(t) X` (:math:`T(t)^\top X` with ``transpose``), which is
-    never stored beyond one chunk of columns (for :math:`d >` :data:`DIRECT_MAX_DIM`).
-    Returned in float64.
+    :math:`S = X`, or :math:`S = T(t) X` (:math:`T(t)^\top X` with ``transpose``).
+    Through the FFTs (below), :math:`S` is never stored beyond one chunk of columns; the
+    dense route (:func:`dense_gram_diagonal_sums`) is taken where it is cheaper
+    (:func:`dense_gram_is_cheaper`). Returned in float64.
     """
-    d = X.shape[0]
+    d, n = X.shape
     work = _work_dtype(X.dtype)
-    if d <= DIRECT_MAX_DIM:
-        S = X.to(work) if t is None else toeplitz_matmat(t.to(work), X.to(work), transpose)
-        return subdiagonal_sums(S @ S.T)
     L = fft_length(2 * d - 1)
+    if dense_gram_is_cheaper(d, n, L):
+        return dense_gram_diagonal_sums(X.to(work), None if t is None else t.to(work), transpose)
     t_hat = None if t is None else _coefficient_spectrum(t, L, transpose, work)
     # The power spectrum is summed in float64: the sums c_k are then divided by the
     # counts d-k, which amplifies the (norm-wise) round-off of the last lags up to 2d
@@ -170,6 +178,41 @@ def gram_diagonal_sums(X: Tensor, t: Tensor | None = None, transpose: bool = Fal
         spectrum = torch.view_as_real(torch.fft.rfft(rows, n=L, dim=1)).reshape(rows.shape[0], -1)
         power += spectrum.square().sum(0, dtype=torch.float64)
     return torch.fft.irfft(power.view(-1, 2).sum(1), n=L)[:d]
+
+
+def dense_gram_is_cheaper(d: int, n: int, L: int) -> bool:
+    r"""Whether :func:`dense_gram_diagonal_sums` beats the FFTs for ``X`` ``[d, n]``.
+
+    Always for :math:`d \le` :data:`DIRECT_MAX_DIM`; above, only while the ``d × d``
+    matrices it forms are no larger than ``X`` itself (:math:`d \le n`, so no memory
+    beyond the input's) and its multiply-adds, :math:`d^2 \min(2n, n + 2d)`, cost less
+    than :data:`FFT_UNIT_COST` × :math:`n L \log_2 L`. On the benchmark CNN that picks
+    the dense route for a 16-channel 3×3 convolution on 16×16 maps (``d = 145``,
+    ``n = 8192``: 4.3 instead of 9.5 ms) and the FFTs for the wider layers
+    (``d = 289`` to ``1153``).
+    """
+    if d <= DIRECT_MAX_DIM:
+        return True
+    dense = d * d * min(2 * n, n + 2 * d)
+    return d <= n and dense < FFT_UNIT_COST * n * L * math.log2(L)
+
+
+def dense_gram_diagonal_sums(X: Tensor, t: Tensor | None, transpose: bool) -> Tensor:
+    r""":func:`gram_diagonal_sums` through the dense :math:`S S^\top`, in float64.
+
+    With :math:`T'` = :math:`T(t)` or :math:`T(t)^\top`: for :math:`n \ge d` the Gram
+    matrix first, :math:`S S^\top = T' (X X^\top) T'^\top` (:math:`d^2 n + 2 d^3`
+    multiply-adds), otherwise :math:`S = T' X` first (:math:`2 d^2 n`).
+    """
+    d, n = X.shape
+    if t is None:
+        return subdiagonal_sums(X @ X.T)
+    T = lower_toeplitz(t)
+    T = T.T if transpose else T
+    if n >= d:
+        return subdiagonal_sums(T @ (X @ X.T) @ T.T)
+    S = T @ X
+    return subdiagonal_sums(S @ S.T)
 
 
 def _coefficients_from_diagonal_sums(c: Tensor) -> Tensor:
