@@ -56,6 +56,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from singd.structures._linalg import symmetric_gram
 from singd.structures.base import Structure, StructuredMatrix
 
 #: Up to this size, products with the dense ``d × d`` matrix (at most 16384 numbers,
@@ -65,8 +66,8 @@ DIRECT_MAX_DIM = 128
 
 #: Relative cost of one ``n × L`` FFT unit (``n L log₂ L``, three passes) against one
 #: multiply-add of a dense product, for choosing the route of the diagonal sums of a
-#: Gram matrix (:func:`gram_diagonal_sums`): fitted on one CPU thread, where it predicts
-#: the measured times within 25 % from d = 28 to 1153 and n = 145 to 32768.
+#: Gram matrix (:func:`gram_diagonal_sums`): fitted on one CPU thread, where it picks
+#: the faster route for every measured shape from d = 145 to 1153, n = 512 to 8192.
 FFT_UNIT_COST = 16.0
 
 #: Columns per FFT chunk are chosen so that a chunk's spectrum (complex, about
@@ -185,15 +186,16 @@ def dense_gram_is_cheaper(d: int, n: int, L: int) -> bool:
 
     Always for :math:`d \le` :data:`DIRECT_MAX_DIM`; above, only while the ``d × d``
     matrices it forms are no larger than ``X`` itself (:math:`d \le n`, so no memory
-    beyond the input's) and its multiply-adds, :math:`d^2 \min(2n, n + 2d)`, cost less
-    than :data:`FFT_UNIT_COST` × :math:`n L \log_2 L`. On the benchmark CNN that picks
-    the dense route for a 16-channel 3×3 convolution on 16×16 maps (``d = 145``,
-    ``n = 8192``: 4.3 instead of 9.5 ms) and the FFTs for the wider layers
-    (``d = 289`` to ``1153``).
+    beyond the input's) and its multiply-adds, :math:`d^2 \min(\tfrac32 n,
+    \tfrac12 n + 2d)`, cost less than :data:`FFT_UNIT_COST` × :math:`n L \log_2 L`. On
+    the benchmark CNN that picks the dense route for the 3×3 convolutions with 16 and 32
+    input channels (``d = 145, n = 8192``: 3.3 instead of 9.5 ms; ``d = 289,
+    n = 2048``: 3.7 instead of 4.4 ms) and the FFTs for the wider ones (``d = 577`` to
+    ``1153``).
     """
     if d <= DIRECT_MAX_DIM:
         return True
-    dense = d * d * min(2 * n, n + 2 * d)
+    dense = d * d * min(1.5 * n, 0.5 * n + 2 * d)
     return d <= n and dense < FFT_UNIT_COST * n * L * math.log2(L)
 
 
@@ -201,18 +203,19 @@ def dense_gram_diagonal_sums(X: Tensor, t: Tensor | None, transpose: bool) -> Te
     r""":func:`gram_diagonal_sums` through the dense :math:`S S^\top`, in float64.
 
     With :math:`T'` = :math:`T(t)` or :math:`T(t)^\top`: for :math:`n \ge d` the Gram
-    matrix first, :math:`S S^\top = T' (X X^\top) T'^\top` (:math:`d^2 n + 2 d^3`
-    multiply-adds), otherwise :math:`S = T' X` first (:math:`2 d^2 n`).
+    matrix first, :math:`S S^\top = T' (X X^\top) T'^\top` (:math:`\tfrac12 d^2 n +
+    2 d^3` multiply-adds: Gram matrices are formed by halves, see
+    :func:`~singd.structures._linalg.symmetric_gram`), otherwise :math:`S = T' X` first
+    (:math:`\tfrac32 d^2 n`).
     """
     d, n = X.shape
     if t is None:
-        return subdiagonal_sums(X @ X.T)
+        return subdiagonal_sums(symmetric_gram(X))
     T = lower_toeplitz(t)
     T = T.T if transpose else T
     if n >= d:
-        return subdiagonal_sums(T @ (X @ X.T) @ T.T)
-    S = T @ X
-    return subdiagonal_sums(S @ S.T)
+        return subdiagonal_sums(T @ symmetric_gram(X) @ T.T)
+    return subdiagonal_sums(symmetric_gram(T @ X))
 
 
 def _coefficients_from_diagonal_sums(c: Tensor) -> Tensor:
