@@ -84,6 +84,10 @@ def test_matmul_is_closed(case):
     mixed = A @ B.to(torch.float64)
     check_stored(mixed, spec, d, dtype)
     assert_close_scaled(mixed.to_dense(), A_dense @ B_dense, dtype)
+    # a new matrix: the factor update writes into it in place
+    A_before, B_before = A.to_dense().clone(), B.to_dense().clone()
+    AB.mul_(float("nan"))
+    assert torch.equal(A.to_dense(), A_before) and torch.equal(B.to_dense(), B_before)
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["matmat", "rmatmat"])

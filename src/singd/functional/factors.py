@@ -75,17 +75,20 @@ def riemannian_gradients(
     K_tK = K.from_inner()
     C_tC = C.from_inner()
     if hp.kfac_like:
-        first_K, first_C = H_K, H_C * h_c_unscale
+        first_K, first_C = H_K, (H_C * h_c_unscale if h_c_unscale != 1.0 else H_C)
         second_K, second_C = K_tK * hp.damping, C_tC * hp.damping
     else:
-        tr_H_C = H_C.average_trace() * h_c_unscale
+        tr_H_C = H_C.average_trace()
         tr_H_K = H_K.average_trace()
+        if h_c_unscale != 1.0:
+            tr_H_C, tr_H_K = tr_H_C * h_c_unscale, tr_H_K * h_c_unscale
         c_squared = hp.damping * C_tC.average_trace()
         kappa_squared = hp.damping * K_tK.average_trace()
-        first_K, first_C = H_K * tr_H_C, H_C * (tr_H_K * h_c_unscale)
+        first_K, first_C = H_K * tr_H_C, H_C * tr_H_K
         second_K, second_C = K_tK * c_squared, C_tC * kappa_squared
     scale = 0.5 * (1.0 - hp.alpha1) if hp.normalize_lr_cov else 0.5
-    new_m_K, new_m_C = first_K + second_K, first_C + second_C
+    # second_* are fresh matrices: summing into them leaves H_K, H_C untouched
+    new_m_K, new_m_C = second_K.add_(first_K), second_C.add_(first_C)
     return new_m_K.diag_add_(-1.0).mul_(scale), new_m_C.diag_add_(-1.0).mul_(scale)
 
 
@@ -113,7 +116,8 @@ def update_factors(
         beta1 = hp.lr_cov
         if hp.normalize_lr_cov:
             beta1 = beta1 / max(1.0, float(m.infinity_vector_norm()))
-        return factor - (factor @ m) * beta1
+        # K − β₁ K m, written into the fresh product (same rounding as the subtraction)
+        return (factor @ m).mul_(-beta1).add_(factor)
 
     momentum = hp.alpha1 != 0.0
     return FactorState(

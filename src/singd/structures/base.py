@@ -224,7 +224,11 @@ class StructuredMatrix(ABC):
 
     @abstractmethod
     def matmul(self: SelfMatrix, other: SelfMatrix) -> SelfMatrix:
-        r"""The structured product :math:`M N` (closure: it stays in the structure)."""
+        r"""The structured product :math:`M N` (closure: it stays in the structure).
+
+        A new matrix that shares no storage with ``self`` or ``other``: the factor
+        update writes :math:`K - \beta_1 K m` into it in place.
+        """
 
     @abstractmethod
     def from_inner(self: SelfMatrix, X: Tensor | None = None) -> SelfMatrix:
