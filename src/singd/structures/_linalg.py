@@ -45,9 +45,12 @@ def _gram_into(X: Tensor, out: Tensor) -> None:
     out[:h, h:] = off.T
 
 
-#: Elements per column chunk of :func:`row_sum_of_squares` (4 MB in float32: the
-#: squared chunk stays in cache).
-_ROW_NORM_CHUNK = 1 << 20
+#: Elements per column chunk of :func:`row_sum_of_squares` (1 MB in float32): the
+#: squared chunk stays in a core's L2 cache, and a temporary this small is recycled by
+#: the memory allocator instead of being mapped fresh (one page fault per 4 KB) for
+#: every chunk. On the benchmark CNN, hierarchical(15, 15)'s statistics took 17.9 ms
+#: per step with 4 MB chunks, 13.1 ms with 1 MB ones.
+_ROW_NORM_CHUNK = 1 << 18
 
 
 def row_sum_of_squares(X: Tensor) -> Tensor:
