@@ -99,12 +99,13 @@ def _row_blocks(X: Tensor, N: int, b: int) -> tuple[Tensor, Tensor]:
     return X[:m].reshape(N, b, X.shape[1]), X[m:]
 
 
-#: CPU matrix-product kernels work in tiles of whole vector registers (64 bytes: 16
-#: float32 numbers); a block width just short of a tile multiple runs through slow
+#: CPU float32 matrix-product kernels work in tiles of whole vector registers (64
+#: bytes: 16 numbers); a block width just short of a tile multiple runs through slow
 #: remainder code. Widening the Gram products to the next multiple by at most this many
 #: rows measured 1.1–2.9× faster (widths 12–15, 28–31, 46–47, 60–63, 94, 126 at
 #: n = 2048 on one thread; the published default b = 30: 1.55×); widening by 8 or more
-#: rows (20, 24, 40, 50, 100, 120) was slower.
+#: rows (20, 24, 40, 50, 100, 120) was slower, and so was widening in float64 (b = 28)
+#: or float16, which therefore keep plain products.
 MAX_GRAM_WIDENING = 4
 
 
@@ -112,19 +113,19 @@ def block_grams(X: Tensor, N: int, b: int) -> Tensor:
     r"""The Gram matrices :math:`X_i X_i^\top` ``[N, b, b]`` of the ``N`` full row blocks of
     ``X`` ``[d, n]``.
 
-    On CPUs each product reads a window of ``w`` rows (``b`` rounded up to a register
-    tile, see :data:`MAX_GRAM_WIDENING`) starting at its block: the window's Gram matrix
-    holds :math:`X_i X_i^\top` as its leading ``b × b`` corner, each entry the same dot
-    product, and the rows borrowed from the next block only add entries that are
-    dropped. Windows are overlapping views (no copy); blocks whose window would run
-    past row ``d`` use plain ``b``-row products.
+    In float32 on CPUs each product reads a window of ``w`` rows (``b`` rounded up to a
+    register tile, see :data:`MAX_GRAM_WIDENING`) starting at its block: the window's
+    Gram matrix holds :math:`X_i X_i^\top` as its leading ``b × b`` corner, each entry
+    the same dot product, and the rows borrowed from the next block only add entries
+    that are dropped. Windows are overlapping views (no copy); blocks whose window
+    would run past row ``d`` use plain ``b``-row products.
     """
     d, n = X.shape
     X_blocks, _ = _row_blocks(X, N, b)
-    tile = 64 // X.element_size()
-    w = -(-b // tile) * tile
+    w = -(-b // 16) * 16
     windows = min(N, (d - w) // b + 1) if d >= w else 0
-    if X.device.type != "cpu" or not 0 < w - b <= MAX_GRAM_WIDENING or windows == 0:
+    widen = X.device.type == "cpu" and X.dtype == torch.float32
+    if not (widen and 0 < w - b <= MAX_GRAM_WIDENING and windows > 0):
         return X_blocks @ X_blocks.mT
     rows, cols = X.stride()
     wide = X.as_strided((windows, w, n), (b * rows, rows, cols))  # from X's first entry
