@@ -1,4 +1,4 @@
-"""Smoke and error-path tests of the ``singd`` command and ``benchmarks/step_time.py``.
+"""Smoke and error-path tests of the ``singd`` command and the ``benchmarks`` scripts.
 
 The command runs in-process through :func:`singd.cli.main` with tiny budgets (large
 batches, one epoch, one timed round); one test runs the installed console script.
@@ -404,6 +404,25 @@ def test_benchmark_quick_mode_writes_markdown(
     assert text == capsys.readouterr().out
     assert "## mlp: MLP 784-512-512-10, batch 128" in text
     assert "| SINGD-diagonal |" in text and "×SGD T=10" in text
+
+
+def test_step_breakdown_reads_the_profiler_ranges() -> None:
+    """The breakdown benchmark finds every phase the optimizer names (non-zero times)."""
+    argv = ["--scenario", "tokens", "--structures", "diagonal", "block30diagonal"]
+    argv += ["--T", "1", "--repeats", "1", "--no-progress"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/step_breakdown.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| SINGD-")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        statistics, refresh, precondition = (float(c) for c in cells[3:6])
+        assert statistics > 0 and refresh > 0 and precondition > 0, row
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -18,7 +18,8 @@
   tensors and plain values only (loadable with ``torch.load(weights_only=True)``),
   keyed by module names;
 * trains data-parallel on ``torch.distributed`` (also inside a DDP wrapper)
-  through a strategy object, replicated or sharded (:mod:`singd.distributed`).
+  through a strategy object, replicated or sharded (:mod:`singd.distributed`);
+* names its phases for ``torch.profiler`` (:data:`PROFILER_LABELS`).
 
 Subclasses (:class:`~singd.optim.optimizer.SINGD`, :class:`~singd.optim.kfac.KFAC`)
 implement the preconditioner: ``_accumulate``, ``_refresh``, ``_precondition``,
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
 from singd.amp import GradScaleTracker, autocast_disabled
@@ -46,6 +48,16 @@ from singd.functional.first_order import adamw_step
 from singd.layers import supported_layer_types
 from singd.optim.registration import Layer, discover_layers, registration_report
 from singd.optim.validation import FALLBACK_DEFAULTS, validate_common_group
+
+#: ``torch.profiler`` ranges around the optimizer's phases (besides torch.optim's own
+#: ``Optimizer.step#…`` range): the curvature statistics of each layer, computed in
+#: the backward hooks at refresh steps; the factor refresh; the preconditioning of the
+#: gradients. ``benchmarks/step_breakdown.py`` times a step by them.
+PROFILER_LABELS: dict[str, str] = {
+    "statistics": "singd::statistics",
+    "refresh": "singd::refresh",
+    "precondition": "singd::precondition",
+}
 
 
 class KroneckerOptimizer(Optimizer, ABC):
@@ -192,7 +204,7 @@ class KroneckerOptimizer(Optimizer, ABC):
 
     def _on_statistics(self, layer_name: str, x: Tensor, grad_output: Tensor) -> None:
         layer = self._layers[layer_name]
-        with autocast_disabled():
+        with autocast_disabled(), record_function(PROFILER_LABELS["statistics"]):
             self._accumulate(layer, self.group_of(layer_name), x, grad_output)
 
     def set_current_grad_scale(self, scale: float) -> None:
@@ -295,8 +307,10 @@ class KroneckerOptimizer(Optimizer, ABC):
         self._check_statistics()
         self._distributor.synchronize(self)  # global gradients and statistics
         self._fallback_step(grad_divisor)
-        self._refresh_due_layers(self._scales.h_c_unscale(t))
-        natural_gradients = self._natural_gradients(grad_divisor)
+        with record_function(PROFILER_LABELS["refresh"]):
+            self._refresh_due_layers(self._scales.h_c_unscale(t))
+        with record_function(PROFILER_LABELS["precondition"]):
+            natural_gradients = self._natural_gradients(grad_divisor)
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             directions: list[Tensor] = []
