@@ -39,6 +39,25 @@ def test_layers_doc_adapter_example_runs(block: str) -> None:
     exec(block, {})
 
 
+def test_guide_profiling_snippet_shows_the_phases(capsys: pytest.CaptureFixture[str]) -> None:
+    """The profiler table of the guide's snippet lists every phase the optimizer names."""
+    from singd import SINGD
+    from singd.optim.base import PROFILER_LABELS
+
+    (snippet,) = [b for b in python_blocks(ROOT / "docs" / "guide.md") if "profile()" in b]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    namespace = {
+        "model": model,
+        "optim": SINGD(model, T=1),
+        "loss_func": nn.CrossEntropyLoss(),
+        "batches": [(torch.randn(6, 4), torch.randint(0, 3, (6,))) for _ in range(2)],
+    }
+    exec(snippet, namespace)
+    table = capsys.readouterr().out
+    assert all(label in table for label in PROFILER_LABELS.values()), table
+
+
 def test_digits_example_script() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "train_digits.py"), "--epochs", "5"],
