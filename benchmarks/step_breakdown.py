@@ -7,13 +7,14 @@ Run (needs ``pip install -e ".[cli]"``)::
 
 Same models, batches and one CPU thread as ``benchmarks/step_time.py`` (its
 scenarios are reused). Each optimizer runs rounds of 10 steps: the step time is the
-median of rounds timed round-robin (unprofiled), and the phases are read from one
-profiled round with ``torch.profiler``, through the ranges the optimizer names
+median of rounds timed round-robin (unprofiled), and the phases are averaged over a
+few profiled rounds with ``torch.profiler``, through the ranges the optimizer names
 (:data:`singd.optim.base.PROFILER_LABELS`): the curvature *statistics* (backward
 hooks at refresh steps), the factor *refresh*, the *preconditioning*; the rest of
 ``step()`` (parameter update, bookkeeping) is torch.optim's ``Optimizer.step#…``
-range minus those two. Profiling slows small operations down, so the phases add up
-to a little more than the step time's excess over SGD.
+range minus those two. Profiling slows every operation down a little, so the phases
+add up to more than the step time's excess over SGD (up to 1.4× on the CNN): read
+them as shares, the unprofiled ms/step as the cost.
 """
 
 from __future__ import annotations
@@ -36,15 +37,16 @@ from singd.optim.base import PROFILER_LABELS
 DEFAULT_STRUCTURES = ("diagonal", "block30diagonal", "hierarchical15_15", "triltoeplitz", "dense")
 
 
-def phase_times(optimizer: torch.optim.Optimizer, work) -> dict[str, float]:
-    """Milliseconds per step of each named phase in one profiled round."""
+def phase_times(optimizer: torch.optim.Optimizer, work, rounds: int) -> dict[str, float]:
+    """Milliseconds per step of each named phase, over ``rounds`` profiled rounds."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        work()
+        for _ in range(rounds):
+            work()
     totals = {e.key: e.cpu_time_total / 1000.0 for e in prof.key_averages()}
     phases = {name: totals.get(label, 0.0) for name, label in PROFILER_LABELS.items()}
     step = totals.get(f"Optimizer.step#{type(optimizer).__name__}.step", 0.0)
     phases["rest of step()"] = step - phases["refresh"] - phases["precondition"]
-    return {name: ms / ROUND_STEPS for name, ms in phases.items()}
+    return {name: ms / (rounds * ROUND_STEPS) for name, ms in phases.items()}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -53,6 +55,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--structures", nargs="+", default=list(DEFAULT_STRUCTURES))
     parser.add_argument("--T", type=int, default=1, help="refresh interval (divides 10)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per optimizer")
+    parser.add_argument(
+        "--profiled-rounds", type=int, default=3, help="profiled rounds per optimizer"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.T < 1 or ROUND_STEPS % args.T:
@@ -77,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio = ms[label] / ms["SGD"]
         row: dict[str, object] = {"optimizer": label, "ms": ms[label], "ratio": ratio}
         if label != "SGD":
-            row.update(phase_times(optimizer, work))
+            row.update(phase_times(optimizer, work, args.profiled_rounds))
         rows.append(row)
     columns = [
         Column("optimizer", "optimizer"),
@@ -89,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"# Step breakdown: {scenario.title}, T = {args.T}\n\n"
         f"torch {torch.__version__}, 1 CPU thread; ms/step = median of {args.repeats} "
-        f"rounds of {ROUND_STEPS} steps (unprofiled); phases in ms per step from one "
-        "profiled round.\n"
+        f"rounds of {ROUND_STEPS} steps (unprofiled); phases in ms per step, averaged over "
+        f"{args.profiled_rounds} profiled rounds. Produced by `python "
+        "benchmarks/step_breakdown.py`.\n"
     )
     print(markdown_table(rows, columns))
     return 0

@@ -409,7 +409,7 @@ def test_benchmark_quick_mode_writes_markdown(
 def test_step_breakdown_reads_the_profiler_ranges() -> None:
     """The breakdown benchmark finds every phase the optimizer names (non-zero times)."""
     argv = ["--scenario", "tokens", "--structures", "diagonal", "block30diagonal"]
-    argv += ["--T", "1", "--repeats", "1", "--no-progress"]
+    argv += ["--T", "1", "--repeats", "1", "--profiled-rounds", "1", "--no-progress"]
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/step_breakdown.py"), *argv],
         capture_output=True,
