@@ -45,15 +45,10 @@ class KFAC(KroneckerOptimizer):
         init_grad_scale: As for :class:`~singd.SINGD`.
         kl_clip: As for :class:`~singd.SINGD`.
         grad_scaler: As for :class:`~singd.SINGD`.
-        fallback: Rule for every trainable parameter without Kronecker factors
-            (norm layers, raw parameters, shared/tied weights, layers whose hooks
-            never fire): ``"adamw"`` (default; decoupled ``weight_decay``),
-            ``"sgd"`` (heavy-ball ``momentum``, coupled ``weight_decay``) or
-            ``None`` (leave them to another optimizer, as the published SINGD).
-            It uses its param group's ``lr``, so LR schedulers drive it too; put
-            those parameters in their own group for a different learning rate.
-        fallback_betas: AdamW's (β₁, β₂) for the fallback.
-        fallback_eps: AdamW's ε for the fallback.
+        fallback: As for :class:`~singd.SINGD` (the rule for every trainable
+            parameter without Kronecker factors; KFAC also sends embeddings there).
+        fallback_betas: As for :class:`~singd.SINGD`.
+        fallback_eps: As for :class:`~singd.SINGD`.
         distributed: As for :class:`~singd.SINGD`; in the sharded mode each rank
             keeps S and P of its own layers only.
 
