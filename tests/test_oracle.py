@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -130,6 +130,26 @@ def compare_params(
         q = ref_params[name]
         if q in oracle.buf:
             assert_close(opt.state[p]["momentum_buffer"], oracle.buf[q], msg=f"buffer {name}")
+
+
+def lockstep(
+    model: nn.Module,
+    ref: nn.Module,
+    opt: torch.optim.Optimizer,
+    oracle: Oracle,
+    data: Sequence[tuple[Tensor, Tensor]],
+    loss_average: str | None,
+) -> Iterator[None]:
+    """One optimizer step and one oracle step per batch; parameters and buffers are
+    compared after each, then control returns to the caller for further checks."""
+    for X, Y in data:
+        f = loss_fn(X, Y, loss_average)
+        opt.zero_grad()
+        f(model).backward()
+        opt.step()
+        oracle.step(f)
+        compare_params(model, ref, opt, oracle)
+        yield
 
 
 #: Defaults of every case; a case overrides some of them.
@@ -320,13 +340,7 @@ def test_singd_matches_oracle(problem: str, overrides: dict[str, Any], scale: fl
     model, ref = make_pair(prob)
     opt = SINGD(model, **{f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)})
     oracle = DenseSINGD(ref, hp)
-    for X, Y in batches(prob, STEPS, scale):
-        f = loss_fn(X, Y, hp.loss_average)
-        opt.zero_grad()
-        f(model).backward()
-        opt.step()
-        oracle.step(f)
-        compare_params(model, ref, opt, oracle)
+    for _ in lockstep(model, ref, opt, oracle, batches(prob, STEPS, scale), hp.loss_average):
         for name in layers(ref):
             state = opt.factors(name)
             assert_close(state.K.to_dense(), oracle.K[name], msg=f"K of {name}")
@@ -387,13 +401,8 @@ def test_kfac_like_forces_alpha1_zero() -> None:
         opt = SINGD(model, kfac_like=True, alpha1=0.5, lr=0.05, lr_cov=0.05, damping=1e-2, T=1)
     oracle = DenseSINGD(ref, Hyper(kfac_like=True, lr=0.05, lr_cov=0.05, damping=1e-2,
                                    momentum=0.9))  # fmt: skip
-    for X, Y in batches(prob, 3):
-        f = loss_fn(X, Y, "batch")
-        opt.zero_grad()
-        f(model).backward()
-        opt.step()
-        oracle.step(f)
-        compare_params(model, ref, opt, oracle)
+    for _ in lockstep(model, ref, opt, oracle, batches(prob, 3), "batch"):
+        pass
     assert all(opt.factors(n).m_K is None for n in layers(ref))
 
 
@@ -476,13 +485,7 @@ def test_kfac_matches_oracle(problem: str, overrides: dict[str, Any]) -> None:
     model, ref = make_pair(prob)
     opt = KFAC(model, inverse_dtype=F64, **kwargs)
     oracle = DenseKFAC(ref, hp)
-    for X, Y in batches(prob, STEPS):
-        f = loss_fn(X, Y, hp.loss_average)
-        opt.zero_grad()
-        f(model).backward()
-        opt.step()
-        oracle.step(f)
-        compare_params(model, ref, opt, oracle)
+    for _ in lockstep(model, ref, opt, oracle, batches(prob, STEPS), hp.loss_average):
         for name in layers(ref):
             state = opt.layer_state(name)
             S_K, S_C = oracle.S[name]
