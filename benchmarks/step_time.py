@@ -16,10 +16,11 @@ Optimizers: SGD with momentum, AdamW, KFAC, IKFAC, and SINGD with every structur
 that can be named now (:func:`singd.cli.optimizers.every_structure`; SINGD-dense
 is INGD), each at ``T = 1`` and ``T = 10``.
 
-Method. One CPU thread (``torch.set_num_threads(1)``). A *round* is 10 consecutive
-training steps (so it holds exactly one factor refresh at T = 10, and ten at
-T = 1); after one warm-up round per optimizer, the optimizers of a scenario are
-timed round-robin, so machine noise hits all of them alike, and each reports the
+Method. One CPU thread (``torch.set_num_threads(1)``), or one GPU with
+``--device cuda`` (float32; cuDNN's default TF32 convolutions, as a user gets them).
+A *round* is 10 consecutive training steps (so it holds exactly one factor refresh
+at T = 10, and ten at T = 1); after one warm-up round per optimizer, the optimizers
+of a scenario are timed round-robin, so machine noise hits all of them alike, and each reports the
 median round divided by 10. Ratios are against SGD measured in the same
 round-robin. Optimizer state = every tensor in ``optimizer.state_dict()``
 (:func:`singd.cli.measure.optimizer_state_bytes`), after the timed steps.
@@ -44,7 +45,7 @@ from singd.cli.measure import interleaved_times, median, optimizer_state_bytes
 from singd.cli.models import mlp, tokenwise_mlp, vgg_cnn
 from singd.cli.optimizers import OptimizerSpec, build_optimizer, every_structure, usable_structures
 from singd.cli.report import Column, markdown_table
-from singd.cli.runs import Precision, train_step
+from singd.cli.runs import Precision, resolve_device, train_step
 
 #: Steps per timed round (a multiple of every T measured).
 ROUND_STEPS = 10
@@ -118,16 +119,20 @@ def _hyperparameters(spec: OptimizerSpec, T: int) -> dict[str, float]:
     return {"lr": 1e-3, "lr_cov": 1e-2, "T": T}
 
 
-def _round(scenario: Scenario, spec: OptimizerSpec, T: int) -> tuple[Callable[[], None], Optimizer]:
+def _round(
+    scenario: Scenario, spec: OptimizerSpec, T: int, device: torch.device
+) -> tuple[Callable[[], None], Optimizer]:
     """A fresh model and optimizer; returns (run one round of steps, the optimizer)."""
     torch.manual_seed(0)
-    model = scenario.model()
+    model = scenario.model().to(device)
     optimizer = build_optimizer(
         dataclasses.replace(spec, hyperparameters=_hyperparameters(spec, T)),
         model,
         loss_average=scenario.loss_average,
     )
-    X, y = random_batch(scenario.batch_size, scenario.input_shape, scenario.num_classes)
+    X, y = random_batch(
+        scenario.batch_size, scenario.input_shape, scenario.num_classes, device=device
+    )
     precision = Precision("float32")
 
     def one_round() -> None:
@@ -144,13 +149,16 @@ def measure_scenario(
     repeats: int,
     warmup: int,
     bar: tqdm,
+    device: torch.device,
 ) -> list[dict[str, object]]:
     """Rows ``{optimizer, ms/step and ×SGD per T, state bytes and ×SGD}`` for one scenario."""
     rows = {spec.label: {"optimizer": spec.label} for spec in specs}
     for T in t_values:
-        built = {spec.label: _round(scenario, spec, T) for spec in specs}
+        built = {spec.label: _round(scenario, spec, T, device) for spec in specs}
         rounds = {label: work for label, (work, _) in built.items()}
-        times = interleaved_times(rounds, repeats, warmup=warmup, progress=bar.update)
+        times = interleaved_times(
+            rounds, repeats, warmup=warmup, device=device, progress=bar.update
+        )
         ms = {label: 1000.0 * median(t) / ROUND_STEPS for label, t in times.items()}
         state = {label: optimizer_state_bytes(optim) for label, (_, optim) in built.items()}
         for label, row in rows.items():
@@ -213,9 +221,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         dest="t_values",
         help=f"refresh intervals, each dividing {ROUND_STEPS} (default: 1 10)",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default: one thread) or cuda[:i] (one GPU, synchronised around each round)",
+    )
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except (RuntimeError, ValueError) as error:
+        parser.error(f"--device: {error}")
     bad = [T for T in args.t_values if T < 1 or ROUND_STEPS % T]
     if bad:
         parser.error(f"--T values must divide {ROUND_STEPS}, got {bad}")
@@ -237,10 +254,18 @@ def _shown_arguments(argv: Sequence[str] | None) -> list[str]:
     return args
 
 
+def _device_description(device: torch.device) -> str:
+    """What ran the steps, for the report's header."""
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)} (float32, cuDNN TF32 convolutions)"
+    return f"1 CPU thread, {platform.machine()} {platform.processor() or ''}".rstrip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print (and optionally write) the Markdown report."""
     args = parse_args(argv)
     torch.set_num_threads(1)
+    device = args.device
     structures = args.structures if args.structures is not None else every_structure()
     specs = optimizer_specs(args.optimizers, structures)
     repeats = args.repeats or (2 if args.quick else 7)
@@ -248,9 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [
         "# Step time and optimizer state, relative to SGD",
         "",
-        f"torch {torch.__version__}, 1 CPU thread, {platform.machine()} "
-        f"{platform.processor() or ''}".rstrip()
-        + f"; median of {repeats} rounds of {ROUND_STEPS} steps after {warmup} warm-up round; "
+        f"torch {torch.__version__}, {_device_description(device)}; median of {repeats} "
+        f"rounds of {ROUND_STEPS} steps after {warmup} warm-up round; "
         "state = tensors in `optimizer.state_dict()`. Produced by `"
         + " ".join(["python benchmarks/step_time.py", *_shown_arguments(argv)])
         + "`; a machine shared with other jobs makes single numbers noisy, the ratios "
@@ -261,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.scenarios:
             scenario = SCENARIOS[name]
             bar.set_description(name)
-            rows = measure_scenario(scenario, specs, args.t_values, repeats, warmup, bar)
+            rows = measure_scenario(scenario, specs, args.t_values, repeats, warmup, bar, device)
             lines += [
                 "",
                 f"## {name}: {scenario.title}",

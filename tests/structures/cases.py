@@ -99,7 +99,11 @@ def random_columns(d: int, n: int, dtype: torch.dtype, gen: torch.Generator) -> 
 
 
 def assert_close_scaled(
-    actual: Tensor, expected: Tensor, dtype: torch.dtype, msg: str = ""
+    actual: Tensor,
+    expected: Tensor,
+    dtype: torch.dtype,
+    msg: str = "",
+    tol: tuple[float, float] | None = None,
 ) -> None:
     """Compare relative to the largest expected entry (at least 1), in ``dtype``'s tolerance.
 
@@ -108,7 +112,7 @@ def assert_close_scaled(
     near zero are judged against the scale of the result, not their own size.
     """
     scale = expected.abs().max().clamp(min=1.0) if expected.numel() else 1.0
-    assert_close(actual.to(torch.float64) / scale, expected / scale, dtype, msg)
+    assert_close(actual.to(torch.float64) / scale, expected / scale, dtype, msg, tol)
 
 
 def check_stored(M: StructuredMatrix, spec: Structure, d: int, dtype: torch.dtype) -> None:

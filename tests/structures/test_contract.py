@@ -15,6 +15,8 @@ import torch
 
 from singd.structures import (
     NaiveImplementationWarning,
+    TrilToeplitz,
+    TriuToeplitz,
     available_structures,
     parse_structure,
 )
@@ -32,6 +34,7 @@ from tests.structures.cases import (
     routes,
 )
 from tests.structures.dense_reference import PATTERNS, project
+from tests.tolerances import TOEPLITZ_FFT_FLOAT32
 
 CASES = [
     (spec, d, dtype, route)
@@ -122,6 +125,24 @@ def test_from_inner_without_X(case):
     H = K.from_inner()
     check_stored(H, spec, d, dtype)
     assert_close_scaled(H.to_dense(), project(spec, K_dense.T @ K_dense), dtype)
+
+
+@pytest.mark.parametrize("spec", [TrilToeplitz(), TriuToeplitz()], ids=str)
+@pytest.mark.parametrize("d", [300, 1153])
+@pytest.mark.parametrize("n", [3, 64, "2d+5"])
+def test_toeplitz_fft_route_is_accurate_for_every_lag(spec, d, n):
+    """At sizes where FFTs are taken, the last lags (a few products each, divided by
+    their small counts) stay within the FFT's norm-wise round-off."""
+    n = 2 * d + 5 if n == "2d+5" else n
+    gen = generator("fft", str(spec), d, n)
+    K, K_dense = random_structured(spec, d, torch.float32, gen)
+    X = random_columns(d, n, torch.float32, gen)
+    S = K_dense.T @ X.double()
+    for actual, expected in [
+        (K.from_inner(X), project(spec, S @ S.T)),
+        (spec.from_mat_inner(X), project(spec, X.double() @ X.double().T)),
+    ]:
+        assert_close_scaled(actual.to_dense(), expected, torch.float32, tol=TOEPLITZ_FFT_FLOAT32)
 
 
 def test_from_mat_inner(case):
