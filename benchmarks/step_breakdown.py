@@ -33,6 +33,9 @@ from singd.cli.optimizers import OptimizerSpec
 from singd.cli.report import Column, markdown_table
 from singd.optim.base import PROFILER_LABELS
 
+#: The step breakdown times CPU steps (one thread), like the CPU table of step_time.py.
+CPU = torch.device("cpu")
+
 #: The structures of the issue's targets, and the dense one.
 DEFAULT_STRUCTURES = ("diagonal", "block30diagonal", "hierarchical15_15", "triltoeplitz", "dense")
 
@@ -70,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     scenario = SCENARIOS[args.scenario]
     specs = [OptimizerSpec("sgd"), *(OptimizerSpec("singd", s) for s in args.structures)]
-    built = {spec.label: _round(scenario, spec, args.T) for spec in specs}
+    built = {spec.label: _round(scenario, spec, args.T, CPU) for spec in specs}
     rounds = {label: work for label, (work, _) in built.items()}
     with tqdm(
         total=len(specs) * args.repeats, unit="round", disable=args.no_progress, file=sys.stderr

@@ -27,7 +27,7 @@ from tests.structures.cases import (
 )
 from tests.structures.dense_reference import project
 from tests.test_amp import HYPER, data, net, params_of
-from tests.tolerances import TOEPLITZ_CUFFT_FLOAT32, tolerance
+from tests.tolerances import TOEPLITZ_FFT_FLOAT32, tolerance
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -95,7 +95,7 @@ def test_structure_operations_on_cuda(
         "eye": (spec.eye(d, dtype=dtype, device=CUDA).to_dense(), torch.eye(d).double()),
     }
     fft = isinstance(spec, TriangularToeplitz) and (d > DIRECT_MAX_DIM or route == "fft")
-    fft_tol = TOEPLITZ_CUFFT_FLOAT32 if fft and dtype == torch.float32 else None
+    fft_tol = TOEPLITZ_FFT_FLOAT32 if fft and dtype == torch.float32 else None
     for name, (actual, expected) in results.items():
         assert_on_cuda(actual)
         assert actual.dtype == dtype, name

@@ -56,6 +56,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from singd.structures import _linalg
 from singd.structures._linalg import symmetric_gram
 from singd.structures.base import Structure, StructuredMatrix
 
@@ -100,7 +101,8 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 def _column_chunks(X: Tensor, L: int, work: torch.dtype) -> Iterator[tuple[slice, Tensor]]:
     """``(columns, rows)``: chunks of the columns of ``X`` ``[d, n]`` as ``[chunk, d]`` rows."""
     n = X.shape[1]
-    step = max(1, _CHUNK_NUMBERS // L)
+    # 16× larger chunks on accelerators, where each chunk costs launches, not cache
+    step = max(1, (_CHUNK_NUMBERS if _linalg.splits_work(X) else _CHUNK_NUMBERS << 4) // L)
     for start in range(0, n, step):
         cols = slice(start, min(start + step, n))
         yield cols, X[:, cols].T.to(work)
