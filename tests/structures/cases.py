@@ -53,6 +53,8 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 _TOEPLITZ_FFT = (
     ("singd.structures.toeplitz.DIRECT_MAX_DIM", 0),
     ("singd.structures.toeplitz.FFT_UNIT_COST", 0.0),
+    # at these sizes the directly summed last lags would cover (almost) every lag
+    ("singd.structures.toeplitz.EXACT_LAGS", 2),
 )
 ROUTES: dict[str, dict[str, tuple[tuple[str, float], ...] | None]] = {
     "tril_toeplitz": {"direct": None, "fft": _TOEPLITZ_FFT},
