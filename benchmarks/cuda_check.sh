@@ -23,4 +23,4 @@ echo "== singd overhead on the GPU"
 timeout 90 python3 -m singd.cli overhead --device cuda --no-progress \
     2>&1 | tee "$out/overhead_cuda.md" | tail -n 30
 echo "== whole suite"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 -x 2>&1 | tee "$out/suite.log" | tail -n 15
+timeout 200 python3 -m pytest -q -p no:cacheprovider -n 16 2>&1 | tee "$out/suite.log" | tail -n 15
