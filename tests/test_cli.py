@@ -31,7 +31,9 @@ from singd.cli.report import Column, markdown_table, to_json
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Fast settings shared by the training commands: 6 steps per digits epoch, no bar.
-FAST = ["--batch-size", "256", "--threads", "1", "--no-progress"]
+#: The CLI's default device is "auto" (CUDA when present); these tests pin the CPU, whose
+#: output they describe (on a GPU, memory is the allocator's peak and runs use bf16).
+FAST = ["--batch-size", "256", "--threads", "1", "--no-progress", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -347,7 +349,10 @@ def test_compare_refuses_an_output_path_that_is_a_file(
 @pytest.mark.slow
 def test_compare_quick_finishes_within_90_seconds(tmp_path: Path) -> None:
     start = time.perf_counter()
-    assert main(["compare", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["compare", "--quick", "--no-progress", "--device", "cpu", "--out", str(tmp_path)])
+        == 0
+    )
     assert time.perf_counter() - start < 90
     assert_png_by_matplotlib(tmp_path / "loss_curves.png")
 
@@ -357,7 +362,7 @@ def test_compare_quick_finishes_within_90_seconds(tmp_path: Path) -> None:
 
 def test_overhead_lists_the_posters_methods(capsys: pytest.CaptureFixture[str]) -> None:
     tiny = ["--rounds", "1", "--warmup", "0", "--T", "2", "--width", "0.25", "--batch-size", "4"]
-    tiny += ["--threads", "1"]
+    tiny += ["--threads", "1", "--device", "cpu"]
     status, out, _ = run_cli(capsys, "overhead", *tiny, "--no-progress", "--format", "json")
     assert status == 0
     report = json.loads(out)
@@ -423,6 +428,31 @@ def test_step_breakdown_reads_the_profiler_ranges() -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         statistics, refresh, precondition = (float(c) for c in cells[3:6])
         assert statistics > 0 and refresh > 0 and precondition > 0, row
+
+
+def test_vs_published_plumbing_with_this_package_on_both_sides() -> None:
+    """benchmarks/vs_published.py with this package standing in for the published one:
+    the same code gives exactly equal trajectories, and the row that emulates the
+    published block-diagonal orientation differs (K is not symmetric after a few steps)."""
+    argv = ["--published-python", sys.executable, "--what", "trajectories"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/vs_published.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    cells = {}
+    for line in result.stdout.splitlines():
+        label, net, *values = [c.strip() for c in line.strip("|").split("|")] + ["", ""]
+        if net in ("MLP", "CNN"):
+            cells[label, net] = [float(v) for v in values if v]
+    assert len(cells) == 14
+    for (label, _), values in cells.items():
+        if "emulated" in label:
+            assert max(values) > 1e-6, (label, values)
+        else:
+            assert values == [0.0] * 4, (label, values)
 
 
 # --- helpers ------------------------------------------------------------------------------

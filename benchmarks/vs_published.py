@@ -1,0 +1,349 @@
+"""This package against the published ``singd`` (PyPI 0.0.5): trajectories and step time.
+
+The published package is never installed into this project: it lives in an interpreter
+of its own (a separate virtual environment), and this script runs the same worker code
+under both interpreters, each importing whichever ``singd`` it has, through the public
+API both share (``from singd.optim.optimizer import SINGD``)::
+
+    python -m venv /tmp/published && /tmp/published/bin/pip install torch==2.13.0 singd==0.0.5
+    python benchmarks/vs_published.py --published-python /tmp/published/bin/python
+
+Reports, for every structure the published code offers, INGD and IKFAC and T ∈ {1, 3}:
+
+* **trajectories**: the largest relative difference of any parameter over 12 float32
+  steps on a small tanh MLP (201/151/41 inputs, so Toeplitz takes its FFT route) and a
+  small tanh CNN. ReLU nets are avoided on purpose: a pre-activation within round-off of
+  zero flips between implementations and the trajectories then part at 1e-4 for a reason
+  that is not the optimizer's.
+  ``block30diagonal`` differs by design: the published block-diagonal code reads the
+  stored blocks transposed where Kᵀ is needed (its ``rmatmat(X)`` returns K·X, its
+  ``from_inner(X)`` Π̂(K X Xᵀ Kᵀ) and ``from_inner()`` K Kᵀ — checked black-box), while
+  this package computes Kᵀ·X, Π̂(Kᵀ X Xᵀ K) and Π̂(KᵀK) as the paper defines them. The
+  row "published orientation emulated" patches exactly those three operations in this
+  package's worker and shows that nothing else differs.
+* **step time**: median of rounds of 10 steps on the three models of
+  ``benchmarks/step_time.py`` (one CPU thread), each implementation relative to SGD in
+  its own process (SGD timed first and last, the faster counts: a process's first
+  steps are slowed by fresh memory), and this package's time over the published one
+  (< 1: faster). The two workers run alternately, twice each, and the faster of the two
+  runs counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The structures of the published code, by its names.
+STRUCTURES = (
+    "dense",
+    "diagonal",
+    "block30diagonal",
+    "hierarchical15_15",
+    "triltoeplitz",
+    "triutoeplitz",
+)
+#: Label of the trajectory row with the published block-diagonal orientation emulated.
+EMULATED = "block30diagonal (published orientation emulated)"
+TRAJECTORY_STEPS = 12
+ROUND_STEPS = 10
+HYPER = {"lr": 5e-2, "momentum": 0.9, "damping": 1e-3, "alpha1": 0.5, "weight_decay": 1e-3}
+
+
+# --- worker: runs under either interpreter -----------------------------------------------
+
+
+def _models():
+    """``singd/cli/models.py`` loaded by path (it needs only torch), so that both
+    interpreters build the same models without importing this package."""
+    spec = importlib.util.spec_from_file_location("_models", ROOT / "src/singd/cli/models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tanh(model: nn.Module) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(model, name, nn.Tanh())
+        else:
+            _tanh(child)
+    return model
+
+
+def _emulate_published_block_orientation() -> None:
+    """Make this package's block-diagonal read Kᵀ as K where the published code does."""
+    from singd.structures.block_diagonal import BlockDiagonalMatrix as Matrix
+
+    def from_inner(self, X=None):
+        b, last = self.blocks, self.last
+        if X is None:
+            return self._like({"blocks": b @ b.mT, "last": last @ last.T})
+        gram = self.structure.from_mat_inner(X.to(self.dtype))
+        return self._like({"blocks": b @ (gram.blocks @ b.mT), "last": last @ (gram.last @ last.T)})
+
+    Matrix.from_inner = from_inner
+    Matrix.rmatmat = Matrix.matmat
+
+
+def _trajectory(SINGD, model, batches, structure, kfac_like, T) -> list[torch.Tensor]:
+    optim = SINGD(
+        model, T=T, lr_cov=5e-2, structures=(structure, structure), kfac_like=kfac_like, **HYPER
+    )
+    for X, y in batches:
+        optim.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        optim.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _trajectories(SINGD, models, ours: bool) -> dict[str, list[torch.Tensor]]:
+    nets = {
+        "MLP": (lambda: _tanh(models.mlp((200, 150, 40, 10))), (200,)),
+        "CNN": (
+            lambda: nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.Tanh(),
+                nn.Conv2d(8, 16, 3, stride=2),
+                nn.Tanh(),
+                nn.Flatten(),
+                nn.Linear(16 * 7 * 7, 10),
+            ),
+            (3, 16, 16),
+        ),
+    }
+    out = {}
+    rows = [(s, s) for s in STRUCTURES] + ([(EMULATED, "block30diagonal")] if ours else [])
+    for label, structure in rows:
+        if label == EMULATED:
+            _emulate_published_block_orientation()
+        for net, (build, shape) in nets.items():
+            gen = torch.Generator().manual_seed(0)
+            batches = [
+                (torch.randn(32, *shape, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+                for _ in range(TRAJECTORY_STEPS)
+            ]
+            for kfac_like in (False, True):
+                for T in (1, 3):
+                    torch.manual_seed(0)
+                    key = f"{label}|{net}|{kfac_like}|{T}"
+                    out[key] = _trajectory(SINGD, build(), batches, structure, kfac_like, T)
+    return out
+
+
+def _scenarios(models) -> dict[str, tuple]:
+    """(model builder, input shape, classes, batch, loss_average) as in step_time.py."""
+    return {
+        "cnn": (lambda: models.vgg_cnn(100), (3, 32, 32), 100, 32, "batch"),
+        "mlp": (lambda: models.mlp((784, 512, 512, 10)), (784,), 10, 128, "batch"),
+        "tokens": (
+            lambda: models.tokenwise_mlp(128, 256, 10),
+            (64, 128),
+            10,
+            16,
+            "batch+sequence",
+        ),
+    }
+
+
+def _median_step_ms(
+    model: nn.Module, optim, X: torch.Tensor, y: torch.Tensor, rounds: int
+) -> float:
+    """Median over ``rounds`` rounds of ROUND_STEPS steps (after one warm-up round), in ms."""
+
+    def one_round() -> None:
+        for _ in range(ROUND_STEPS):
+            optim.zero_grad()
+            logits = model(X)
+            nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten()).backward()
+            optim.step()
+
+    one_round()
+    measured = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        one_round()
+        measured.append(time.perf_counter() - start)
+    return 1000 * statistics.median(measured) / ROUND_STEPS
+
+
+def _step_times(SINGD, models, rounds: int) -> dict[str, float]:
+    times = {}
+    for name, (build, shape, classes, batch, average) in _scenarios(models).items():
+        gen = torch.Generator().manual_seed(0)
+        X = torch.randn(batch, *shape, generator=gen)
+        label_shape = (batch, shape[0]) if len(shape) == 2 else (batch,)
+        y = torch.randint(0, classes, label_shape, generator=gen)
+        configs = [
+            (f"{s}{' IKFAC' if kl else ''}", s, kl, T)
+            for s in STRUCTURES
+            for kl in ((False, True) if s == "dense" else (False,))
+            for T in (1, 10)
+        ]
+        # SGD first and last: the first runs of a process are slowed by fresh memory
+        for label, structure, kfac_like, T in [
+            ("SGD", None, False, 1),
+            *configs,
+            ("SGD", None, False, 1),
+        ]:
+            torch.manual_seed(0)
+            model = build()
+            if structure is None:
+                optim = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            else:
+                optim = SINGD(
+                    model,
+                    lr=1e-3,
+                    lr_cov=1e-2,
+                    T=T,
+                    structures=(structure, structure),
+                    kfac_like=kfac_like,
+                    loss_average=average,
+                )
+            key = f"{name}|{label}|{T}"
+            ms = _median_step_ms(model, optim, X, y, rounds)
+            times[key] = min(ms, times.get(key, ms))
+    return times
+
+
+def worker(out: Path, ours: bool, rounds: int, what: str) -> None:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    import singd
+    from singd.optim.optimizer import SINGD
+
+    models = _models()
+    result = {"singd": str(Path(singd.__file__).parent)}
+    if what in ("all", "times"):
+        result["times"] = _step_times(SINGD, models, rounds)
+    if what in ("all", "trajectories"):
+        result["trajectories"] = _trajectories(SINGD, models, ours)
+    torch.save(result, out)
+
+
+# --- parent: runs both, compares -----------------------------------------------------------
+
+
+def _run(python: str, ours: bool, out: Path, rounds: int, what: str) -> dict:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if ours:
+        env["PYTHONPATH"] = str(ROOT / "src")
+    args = [python, __file__, "--worker", str(out), "--rounds", str(rounds), "--what", what]
+    subprocess.run([*args, *(["--ours"] if ours else [])], check=True, env=env, cwd=ROOT)
+    return torch.load(out)
+
+
+def _largest_relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max() / x.abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def report(ours: dict, published: dict) -> str:
+    lines = [
+        "# This package against the published singd",
+        "",
+        f"ours: `{ours['singd']}`; published: `{published['singd']}`; torch "
+        f"{torch.__version__}, one CPU thread. Produced by `python benchmarks/vs_published.py`.",
+    ]
+    if "trajectories" in ours:
+        lines += [
+            "",
+            f"## Trajectories: largest relative parameter difference after {TRAJECTORY_STEPS} "
+            "float32 steps",
+            "",
+            "| structure | net | INGD T=1 | INGD T=3 | IKFAC T=1 | IKFAC T=3 |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        theirs = published["trajectories"]
+        for label in [*STRUCTURES, EMULATED]:
+            structure = "block30diagonal" if label == EMULATED else label
+            for net in ("MLP", "CNN"):
+                cells = []
+                for kfac_like in (False, True):
+                    for T in (1, 3):
+                        a = theirs[f"{structure}|{net}|{kfac_like}|{T}"]
+                        b = ours["trajectories"][f"{label}|{net}|{kfac_like}|{T}"]
+                        cells.append(f"{_largest_relative_difference(a, b):.1e}")
+                lines.append(f"| {label} | {net} | " + " | ".join(cells) + " |")
+    if "times" in ours:
+        lines += [
+            "",
+            "## Step time (ms/step; ×SGD in the same process; ours ÷ published)",
+        ]
+        for scenario in ("cnn", "mlp", "tokens"):
+            lines += [
+                "",
+                f"### {scenario}",
+                "",
+                "| structure | T | published ms | ours ms | published ×SGD | ours ×SGD "
+                "| ours ÷ published |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            sgd = {k: d["times"][f"{scenario}|SGD|1"] for k, d in (("o", ours), ("p", published))}
+            for key, t_ours in ours["times"].items():
+                name, label, T = key.split("|")
+                if name != scenario or label == "SGD":
+                    continue
+                t_pub = published["times"][key]
+                lines.append(
+                    f"| {label} | {T} | {t_pub:.2f} | {t_ours:.2f} | {t_pub / sgd['p']:.2f} | "
+                    f"{t_ours / sgd['o']:.2f} | {t_ours / t_pub:.2f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--published-python",
+        help="an interpreter whose environment has the published singd (and not this one)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
+    parser.add_argument(
+        "--what", choices=("all", "trajectories", "times"), default="all", help="what to run"
+    )
+    parser.add_argument("--out", type=Path, help="also write the Markdown report here")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        worker(args.worker, args.ours, args.rounds, args.what)
+        return 0
+    if args.published_python is None:
+        parser.error("--published-python is required (see the module docstring)")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs: dict[str, list[dict]] = {"ours": [], "published": []}
+        for repeat in range(2 if args.what != "trajectories" else 1):
+            for who, python in (("published", args.published_python), ("ours", sys.executable)):
+                out = Path(tmp) / f"{who}{repeat}.pt"
+                runs[who].append(_run(python, who == "ours", out, args.rounds, args.what))
+    merged = {}
+    for who, results in runs.items():
+        merged[who] = dict(results[0])
+        if "times" in results[0]:
+            merged[who]["times"] = {
+                k: min(r["times"][k] for r in results) for k in results[0]["times"]
+            }
+    text = report(merged["ours"], merged["published"])
+    print(text, end="")
+    if args.out is not None:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
