@@ -46,15 +46,6 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The structures of the published code, by its names.
-STRUCTURES = (
-    "dense",
-    "diagonal",
-    "block30diagonal",
-    "hierarchical15_15",
-    "triltoeplitz",
-    "triutoeplitz",
-)
 #: Label of the trajectory row with the published block-diagonal orientation emulated.
 EMULATED = "block30diagonal (published orientation emulated)"
 TRAJECTORY_STEPS = 12
@@ -109,7 +100,9 @@ def _trajectory(SINGD, model, batches, structure, kfac_like, T) -> list[torch.Te
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _trajectories(SINGD, models, ours: bool) -> dict[str, list[torch.Tensor]]:
+def _trajectories(
+    SINGD, models, structures: list[str], ours: bool
+) -> dict[str, list[torch.Tensor]]:
     nets = {
         "MLP": (lambda: _tanh(models.mlp((200, 150, 40, 10))), (200,)),
         "CNN": (
@@ -125,7 +118,7 @@ def _trajectories(SINGD, models, ours: bool) -> dict[str, list[torch.Tensor]]:
         ),
     }
     out = {}
-    rows = [(s, s) for s in STRUCTURES] + ([(EMULATED, "block30diagonal")] if ours else [])
+    rows = [(s, s) for s in structures] + ([(EMULATED, "block30diagonal")] if ours else [])
     for label, structure in rows:
         if label == EMULATED:
             _emulate_published_block_orientation()
@@ -179,7 +172,7 @@ def _median_step_ms(
     return 1000 * statistics.median(measured) / ROUND_STEPS
 
 
-def _step_times(SINGD, models, rounds: int) -> dict[str, float]:
+def _step_times(SINGD, models, structures: list[str], rounds: int) -> dict[str, float]:
     times = {}
     for name, (build, shape, classes, batch, average) in _scenarios(models).items():
         gen = torch.Generator().manual_seed(0)
@@ -188,7 +181,7 @@ def _step_times(SINGD, models, rounds: int) -> dict[str, float]:
         y = torch.randint(0, classes, label_shape, generator=gen)
         configs = [
             (f"{s}{' IKFAC' if kl else ''}", s, kl, T)
-            for s in STRUCTURES
+            for s in structures
             for kl in ((False, True) if s == "dense" else (False,))
             for T in (1, 10)
         ]
@@ -218,7 +211,7 @@ def _step_times(SINGD, models, rounds: int) -> dict[str, float]:
     return times
 
 
-def worker(out: Path, ours: bool, rounds: int, what: str) -> None:
+def worker(out: Path, ours: bool, structures: list[str], rounds: int, what: str) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
@@ -229,13 +222,20 @@ def worker(out: Path, ours: bool, rounds: int, what: str) -> None:
     models = _models()
     result = {"singd": str(Path(singd.__file__).parent)}
     if what in ("all", "times"):
-        result["times"] = _step_times(SINGD, models, rounds)
+        result["times"] = _step_times(SINGD, models, structures, rounds)
     if what in ("all", "trajectories"):
-        result["trajectories"] = _trajectories(SINGD, models, ours)
+        result["trajectories"] = _trajectories(SINGD, models, structures, ours)
     torch.save(result, out)
 
 
 # --- parent: runs both, compares -----------------------------------------------------------
+
+
+def published_structures() -> tuple[str, ...]:
+    """The structures of the published code, by its names (the parent runs this package)."""
+    from singd.cli.optimizers import PUBLISHED_STRUCTURES
+
+    return PUBLISHED_STRUCTURES
 
 
 def _run(python: str, ours: bool, out: Path, rounds: int, what: str) -> dict:
@@ -244,6 +244,7 @@ def _run(python: str, ours: bool, out: Path, rounds: int, what: str) -> dict:
     if ours:
         env["PYTHONPATH"] = str(ROOT / "src")
     args = [python, __file__, "--worker", str(out), "--rounds", str(rounds), "--what", what]
+    args += ["--structures", *published_structures()]
     subprocess.run([*args, *(["--ours"] if ours else [])], check=True, env=env, cwd=ROOT)
     return torch.load(out)
 
@@ -269,7 +270,7 @@ def report(ours: dict, published: dict) -> str:
             "| --- | --- | ---: | ---: | ---: | ---: |",
         ]
         theirs = published["trajectories"]
-        for label in [*STRUCTURES, EMULATED]:
+        for label in [*published_structures(), EMULATED]:
             structure = "block30diagonal" if label == EMULATED else label
             for net in ("MLP", "CNN"):
                 cells = []
@@ -319,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--structures", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        worker(args.worker, args.ours, args.rounds, args.what)
+        worker(args.worker, args.ours, args.structures, args.rounds, args.what)
         return 0
     if args.published_python is None:
         parser.error("--published-python is required (see the module docstring)")

@@ -415,14 +415,8 @@ def test_step_breakdown_reads_the_profiler_ranges() -> None:
     """The breakdown benchmark finds every phase the optimizer names (non-zero times)."""
     argv = ["--scenario", "tokens", "--structures", "diagonal", "block30diagonal"]
     argv += ["--T", "1", "--repeats", "1", "--profiled-rounds", "1", "--no-progress"]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/step_breakdown.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| SINGD-")]
+    stdout = run_benchmark("step_breakdown.py", *argv)
+    rows = [line for line in stdout.splitlines() if line.startswith("| SINGD-")]
     assert len(rows) == 2
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -434,16 +428,11 @@ def test_vs_published_plumbing_with_this_package_on_both_sides() -> None:
     """benchmarks/vs_published.py with this package standing in for the published one:
     the same code gives exactly equal trajectories, and the row that emulates the
     published block-diagonal orientation differs (K is not symmetric after a few steps)."""
-    argv = ["--published-python", sys.executable, "--what", "trajectories"]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/vs_published.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    stdout = run_benchmark(
+        "vs_published.py", "--published-python", sys.executable, "--what", "trajectories"
     )
-    assert result.returncode == 0, result.stderr
     cells = {}
-    for line in result.stdout.splitlines():
+    for line in stdout.splitlines():
         label, net, *values = [c.strip() for c in line.strip("|").split("|")] + ["", ""]
         if net in ("MLP", "CNN"):
             cells[label, net] = [float(v) for v in values if v]
@@ -453,6 +442,18 @@ def test_vs_published_plumbing_with_this_package_on_both_sides() -> None:
             assert max(values) > 1e-6, (label, values)
         else:
             assert values == [0.0] * 4, (label, values)
+
+
+def run_benchmark(script: str, *argv: str) -> str:
+    """Run ``benchmarks/<script>`` in a fresh interpreter; its stdout (it must succeed)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 # --- helpers ------------------------------------------------------------------------------
