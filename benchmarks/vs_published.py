@@ -21,6 +21,9 @@ Reports, for every structure the published code offers, INGD and IKFAC and T ∈
   this package computes Kᵀ·X, Π̂(Kᵀ X Xᵀ K) and Π̂(KᵀK) as the paper defines them. The
   row "published orientation emulated" patches exactly those three operations in this
   package's worker and shows that nothing else differs.
+* **settings**: the same over 15 optimizer settings (summed loss, normalize_lr_cov,
+  mixed structures, KFAC-reduce, weight sharing, grouped and dilated convolutions,
+  gradient-scale bookkeeping, bfloat16 factors), dense factors unless named, T ∈ {1, 2}.
 * **step time**: median of rounds of 10 steps on the three models of
   ``benchmarks/step_time.py`` (one CPU thread), each implementation relative to SGD in
   its own process (SGD timed first and last, the faster counts: a process's first
@@ -136,6 +139,110 @@ def _trajectories(
     return out
 
 
+class _TokenMLP(nn.Module):
+    """Two linear layers applied to every position of ``[batch, positions, 12]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 20), nn.Linear(20, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _small_cnn(groups: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=2, dilation=dilation, groups=groups),
+        nn.Tanh(),
+        nn.Conv2d(8, 6, 3, stride=2, bias=False),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.LazyLinear(5),
+    )
+
+
+def _configurations() -> dict[str, tuple]:
+    """name → (model, input shape, SINGD keywords, loss); dense factors unless named."""
+
+    def mlp():
+        return nn.Sequential(nn.Linear(30, 20), nn.Tanh(), nn.Linear(20, 5))
+
+    bf16 = (torch.bfloat16, torch.bfloat16)
+    return {
+        "loss_average=None (summed loss)": (mlp, (30,), {"loss_average": None}, "sum"),
+        "normalize_lr_cov": (mlp, (30,), {"normalize_lr_cov": True}, "mean"),
+        "structures (dense, diagonal)": (mlp, (30,), {"structures": ("dense", "diagonal")}, "mean"),
+        "structures (diagonal, hierarchical15_15)": (
+            mlp,
+            (30,),
+            {"structures": ("diagonal", "hierarchical15_15")},
+            "mean",
+        ),
+        "alpha1=0, weight_decay=1e-2": (mlp, (30,), {"alpha1": 0.0, "weight_decay": 1e-2}, "mean"),
+        "momentum=0": (mlp, (30,), {"momentum": 0.0}, "mean"),
+        "IKFAC": (mlp, (30,), {"kfac_like": True}, "mean"),
+        "init_grad_scale=1024, loss scaled by 1024": (
+            mlp,
+            (30,),
+            {"init_grad_scale": 1024.0},
+            "scaled",
+        ),
+        "tokens, expand, batch+sequence": (
+            _TokenMLP,
+            (7, 12),
+            {"loss_average": "batch+sequence", "kfac_approx": "expand"},
+            "tokens",
+        ),
+        "tokens, reduce, batch+sequence": (
+            _TokenMLP,
+            (7, 12),
+            {"loss_average": "batch+sequence", "kfac_approx": "reduce"},
+            "tokens",
+        ),
+        "tokens, expand, batch": (_TokenMLP, (7, 12), {"loss_average": "batch"}, "tokens"),
+        "conv, reduce": (_small_cnn, (4, 10, 10), {"kfac_approx": "reduce"}, "mean"),
+        "conv, groups=2, dilation=2": (lambda: _small_cnn(2, 2), (4, 10, 10), {}, "mean"),
+        "conv, groups=2, reduce": (
+            lambda: _small_cnn(groups=2),
+            (4, 10, 10),
+            {"kfac_approx": "reduce"},
+            "mean",
+        ),
+        "preconditioner_dtype bfloat16": (mlp, (30,), {"preconditioner_dtype": bf16}, "mean"),
+    }
+
+
+def _configuration_trajectories(SINGD) -> dict[str, list[torch.Tensor]]:
+    out = {}
+    for name, (build, shape, keywords, loss) in _configurations().items():
+        for T in (1, 2):
+            torch.manual_seed(0)
+            model = build()
+            gen = torch.Generator().manual_seed(1)
+            labels = (8, shape[0]) if loss == "tokens" else (8,)
+            batches = [
+                (torch.randn(8, *shape, generator=gen), torch.randint(0, 5, labels, generator=gen))
+                for _ in range(8)
+            ]
+            model(batches[0][0])  # materialise lazy layers
+            optim = SINGD(model, lr=5e-2, lr_cov=5e-2, damping=1e-3, T=T, **keywords)
+            for X, y in batches:
+                optim.zero_grad()
+                logits = model(X)
+                reduction = "sum" if loss == "sum" else "mean"
+                value = nn.functional.cross_entropy(
+                    logits.flatten(0, -2), y.flatten(), reduction=reduction
+                )
+                if loss == "scaled":
+                    (1024.0 * value).backward()
+                    optim.set_current_grad_scale(1024.0)
+                else:
+                    value.backward()
+                optim.step()
+            out[f"{name}|{T}"] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
 def _scenarios(models) -> dict[str, tuple]:
     """(model builder, input shape, classes, batch, loss_average) as in step_time.py."""
     return {
@@ -225,6 +332,7 @@ def worker(out: Path, ours: bool, structures: list[str], rounds: int, what: str)
         result["times"] = _step_times(SINGD, models, structures, rounds)
     if what in ("all", "trajectories"):
         result["trajectories"] = _trajectories(SINGD, models, structures, ours)
+        result["configurations"] = _configuration_trajectories(SINGD)
     torch.save(result, out)
 
 
@@ -280,6 +388,22 @@ def report(ours: dict, published: dict) -> str:
                         b = ours["trajectories"][f"{label}|{net}|{kfac_like}|{T}"]
                         cells.append(f"{_largest_relative_difference(a, b):.1e}")
                 lines.append(f"| {label} | {net} | " + " | ".join(cells) + " |")
+    if "configurations" in ours:
+        lines += [
+            "",
+            "## Trajectories over optimizer settings: largest relative parameter difference "
+            "after 8 float32 steps",
+            "",
+            "| setting | T=1 | T=2 |",
+            "| --- | ---: | ---: |",
+        ]
+        theirs, mine = published["configurations"], ours["configurations"]
+        for name in _configurations():
+            cells = [
+                f"{_largest_relative_difference(theirs[f'{name}|{T}'], mine[f'{name}|{T}']):.1e}"
+                for T in (1, 2)
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "times" in ours:
         lines += [
             "",

@@ -442,6 +442,9 @@ def test_vs_published_plumbing_with_this_package_on_both_sides() -> None:
             assert max(values) > 1e-6, (label, values)
         else:
             assert values == [0.0] * 4, (label, values)
+    settings = stdout[stdout.index("| setting | T=1 | T=2 |") :].splitlines()[2:]
+    assert len(settings) == 15
+    assert all(line.endswith("| 0.0e+00 | 0.0e+00 |") for line in settings), settings
 
 
 def run_benchmark(script: str, *argv: str) -> str:
