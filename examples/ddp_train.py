@@ -60,6 +60,12 @@ def main() -> None:
     dist.init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
+        local_ranks, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+        if local_ranks > gpus:
+            raise SystemExit(
+                f"{local_ranks} processes on this node but {gpus} GPU(s): one process per GPU "
+                f"(--nproc_per_node={gpus}), or CUDA_VISIBLE_DEVICES= to train on the CPUs."
+            )
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
