@@ -85,22 +85,10 @@ class Sharded(Replicated):
 
     replicates_factors = False
 
-    def __init__(
-        self,
-        process_group: dist.ProcessGroup | None = None,
-        *,
-        bucket_mb: float | None = None,
-        overlap: bool = True,
-        check_every: int | None = None,
-    ) -> None:
-        super().__init__(
-            process_group, bucket_mb=bucket_mb, overlap=overlap, check_every=check_every
-        )
-        self._owner: dict[str, int] = {}
-        self._load = [0.0] * self.world_size
-
     def _set_group(self, group: dist.ProcessGroup | None) -> None:
+        # (called by the constructor too) ownership is per group: a new one starts afresh
         super()._set_group(group)
+        self._owner: dict[str, int] = {}
         self._load = [0.0] * self.world_size
 
     # --- ownership -----------------------------------------------------------------------
