@@ -47,7 +47,14 @@ from singd.functional import apply_parameter_step, kl_clip_factor
 from singd.functional.first_order import adamw_step
 from singd.layers import supported_layer_types
 from singd.optim.registration import Layer, discover_layers, registration_report
-from singd.optim.validation import FALLBACK_DEFAULTS, validate_common_group
+from singd.optim.validation import (
+    BOUNDS,
+    FALLBACK_DEFAULTS,
+    Bound,
+    check_bool,
+    check_grad_scaler,
+    validate_common_group,
+)
 
 #: ``torch.profiler`` ranges around the optimizer's phases (besides torch.optim's own
 #: ``Optimizer.step#…`` range): the curvature statistics of each layer, computed in
@@ -68,6 +75,9 @@ class KroneckerOptimizer(Optimizer, ABC):
     #: Name of the optimizer-specific section of the state dict.
     _STATE_KEY = "kronecker"
 
+    #: The hyper-parameter bounds (:mod:`singd.optim.validation`).
+    _BOUNDS: Mapping[str, Bound] = BOUNDS
+
     def __init__(
         self,
         model: nn.Module,
@@ -85,6 +95,9 @@ class KroneckerOptimizer(Optimizer, ABC):
         model, wrapper = unwrap_model(model)
         self._distributor = resolve_distributor(distributed, wrapper)
         defaults = {**FALLBACK_DEFAULTS, "kl_clip": None, **defaults}
+        check_bool("warn_unsupported", warn_unsupported)
+        BOUNDS["init_grad_scale"].check(init_grad_scale)
+        check_grad_scaler(grad_scaler)
         self.model = model
         self.grad_scaler = grad_scaler
         if grad_scaler is not None and grad_scaler.is_enabled() and init_grad_scale == 1.0:
@@ -127,7 +140,7 @@ class KroneckerOptimizer(Optimizer, ABC):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check and normalise a param group's hyper-parameters (subclasses extend)."""
-        validate_common_group(group)
+        validate_common_group(group, self._BOUNDS)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its parameters must be the weights/biases of supported layers.

@@ -16,11 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from singd.distributed import Distributor
-from singd.functional import kfac_natural_gradient, resolve_lr_cov
+from singd.functional import kfac_natural_gradient
 from singd.functional.kfac import damped_inverse, ema_update
 from singd.layers import grad_output_matrix, input_matrix
 from singd.optim.base import KroneckerOptimizer, Layer
-from singd.optim.validation import check_nonnegative, dtype_name, parse_dtype
+from singd.optim.validation import (
+    KFAC_BOUNDS,
+    dtype_name,
+    parse_dtype,
+    resolve_lr_cov,
+)
 
 _STATE_NAMES = ("S_K", "S_C", "P_K", "P_C")
 
@@ -55,6 +60,7 @@ class KFAC(KroneckerOptimizer):
     """
 
     _STATE_KEY = "kfac"
+    _BOUNDS = KFAC_BOUNDS
 
     def __init__(
         self,
@@ -184,8 +190,7 @@ class KFAC(KroneckerOptimizer):
     ) -> tuple[Tensor, Callable[[], None]]:
         old = dict(self.layer_state(layer.name))
         state = self.layer_state(layer.name)
-        beta1 = resolve_lr_cov(group["lr_cov"], self.steps)
-        check_nonnegative("lr_cov", beta1)
+        beta1 = resolve_lr_cov(group["lr_cov"], self.steps, table=KFAC_BOUNDS)
         U, G = self._U.pop(layer.name), self._G.pop(layer.name) * h_c_unscale
         state["S_K"] = ema_update(state["S_K"], U, beta1)
         state["S_C"] = ema_update(state["S_C"], G, beta1)

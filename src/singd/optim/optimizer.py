@@ -27,12 +27,18 @@ from singd.functional import (
     FactorHyperparams,
     FactorState,
     natural_gradient,
-    resolve_lr_cov,
     update_factors,
 )
 from singd.layers import grad_output_diagonal, grad_output_matrix, input_matrix
 from singd.optim.base import KroneckerOptimizer, Layer
-from singd.optim.validation import check_nonnegative, dtype_name, parse_dtype
+from singd.optim.validation import (
+    BOUNDS,
+    check_bool,
+    check_factor_step,
+    dtype_name,
+    parse_dtype,
+    resolve_lr_cov,
+)
 from singd.structures import StructuredMatrix, parse_structure
 
 _FACTOR_NAMES = ("K", "C", "m_K", "m_C")
@@ -203,9 +209,9 @@ class SINGD(KroneckerOptimizer):
     # --- hyper-parameters ----------------------------------------------------------
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        check_nonnegative("alpha1", group["alpha1"])
+        BOUNDS["alpha1"].check(group["alpha1"])
         structures = group["structures"]
-        if isinstance(structures, str) or len(structures) != 2:
+        if not isinstance(structures, (tuple, list)) or len(structures) != 2:
             raise ValueError(
                 f"structures must be a pair (structure of K, structure of C), got {structures!r}."
             )
@@ -219,8 +225,7 @@ class SINGD(KroneckerOptimizer):
             parse_dtype(d, "preconditioner_dtype") for d in dtypes
         )
         for flag in ("kfac_like", "normalize_lr_cov"):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"{flag} must be a bool, got {group[flag]!r}.")
+            check_bool(flag, group[flag])
         if group["kfac_like"] and group["alpha1"] != 0:
             warnings.warn(
                 f"kfac_like=True (IKFAC) has no Riemannian momentum; alpha1={group['alpha1']} "
@@ -228,11 +233,24 @@ class SINGD(KroneckerOptimizer):
                 stacklevel=4,
             )
             group["alpha1"] = 0.0
+        if not callable(group["lr_cov"]):  # (a schedule is checked at each refresh)
+            self._check_factor_step(group, group["lr_cov"])
+
+    @staticmethod
+    def _check_factor_step(group: Mapping[str, Any], lr_cov: float) -> None:
+        check_factor_step(
+            lr_cov,
+            group["damping"],
+            group["alpha1"],
+            kfac_like=group["kfac_like"],
+            normalize_lr_cov=group["normalize_lr_cov"],
+        )
 
     @staticmethod
     def _hyperparams(group: Mapping[str, Any], step: int) -> FactorHyperparams:
         lr_cov = resolve_lr_cov(group["lr_cov"], step)
-        check_nonnegative("lr_cov", lr_cov)
+        if callable(group["lr_cov"]):
+            SINGD._check_factor_step(group, lr_cov)
         return FactorHyperparams(
             lr_cov=lr_cov,
             damping=group["damping"],
