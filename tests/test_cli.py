@@ -86,9 +86,9 @@ def test_help_explains_every_option(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["train", "--lr", "-1"], "expected a number > 0"),
-        (["train", "--lr", "fast"], "expected a number > 0, got 'fast'"),
-        (["train", "--momentum", "1.5"], "expected a number in [0, 1)"),
+        (["train", "--lr", "-1"], "lr (β₂) must be a number ≥ 0, got -1.0"),
+        (["train", "--lr", "fast"], "expected a number ≥ 0, got 'fast'"),
+        (["train", "--momentum", "1.5"], "must be a number in [0, 1)"),
         (["train", "--epochs", "0"], "expected a positive integer"),
         (["train", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
         (["train", "--structure", "nonsense"], "unknown structure 'nonsense'; valid: "),

@@ -25,7 +25,9 @@ from singd.cli.options import (
     CLIError,
     add_run_options,
     apply_threads,
+    check_output_folder,
     positive_int,
+    seed_int,
     structure_name,
 )
 from singd.cli.plots import plot_accuracy_vs_time, plot_loss_curves
@@ -119,7 +121,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--seed",
-        type=int,
+        type=seed_int,
         default=0,
         help="seed of the (shared) initialisation and batch order (default: 0)",
     )
@@ -180,10 +182,7 @@ def run(args: argparse.Namespace) -> int:
     specs = [s for s in compare_specs(args.structures, args.T) if s.name in args.optimizers]
     if not specs:
         raise CLIError("Nothing to run: --optimizers/--structures select no optimizer.")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)  # fail before training, not after
-    except OSError as error:
-        raise CLIError(f"--out {str(args.out)!r} cannot be used as a folder: {error}") from error
+    check_output_folder(args.out, "--out")  # fail before training, not after
     precisions = [Precision(p) for p in dict.fromkeys(args.precisions)]
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
     steps_per_run = epochs * math.ceil(len(data.X_train) / args.batch_size)

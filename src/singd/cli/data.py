@@ -145,7 +145,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_file(path: Path, label_key: bytes) -> tuple[Tensor, Tensor]:
+def _read_cifar_file(path: Path, label_key: bytes, num_classes: int) -> tuple[Tensor, Tensor]:
     try:
         with path.open("rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
@@ -153,6 +153,18 @@ def _read_cifar_file(path: Path, label_key: bytes) -> tuple[Tensor, Tensor]:
         labels = torch.as_tensor(batch[label_key], dtype=torch.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise DatasetError(f"{str(path)!r} is not a CIFAR file in the python format: {e}") from e
+    if labels.shape != (len(images),):
+        raise DatasetError(
+            f"{str(path)!r} holds {len(images)} images but {tuple(labels.shape)} labels."
+        )
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        raise DatasetError(
+            f"{str(path)!r}: {int(bad.sum())} of its {len(labels)} labels are outside "
+            f"0…{num_classes - 1} (the first is {int(labels[first])}, of image {first}); is "
+            "this the right dataset?"
+        )
     return images, labels
 
 
@@ -185,16 +197,16 @@ def load_cifar(name: str, data_dir: str | Path) -> Dataset:
     """
     folder = cifar_folder(name, data_dir)
     _, train_files, test_file, label_key = _CIFAR_LAYOUT[name]
-    parts = [_read_cifar_file(folder / f, label_key) for f in train_files]
+    num_classes = 10 if name == "cifar10" else 100
+    parts = [_read_cifar_file(folder / f, label_key, num_classes) for f in train_files]
     X_train = torch.cat([images for images, _ in parts])
     y_train = torch.cat([labels for _, labels in parts])
-    X_test, y_test = _read_cifar_file(folder / test_file, label_key)
+    X_test, y_test = _read_cifar_file(folder / test_file, label_key, num_classes)
     mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in _CIFAR_STATS[name])
 
     def normalise(images: Tensor) -> Tensor:
         return (images.float() / 255.0 - mean) / std
 
-    num_classes = 10 if name == "cifar10" else 100
     return Dataset(name, normalise(X_train), y_train, normalise(X_test), y_test, num_classes)
 
 

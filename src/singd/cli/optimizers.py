@@ -27,6 +27,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from singd import KFAC, SINGD
+from singd.optim.validation import BOUNDS, KFAC_BOUNDS, check_factor_step
 from singd.structures import available_structures, parse_structure
 
 #: Names accepted by :func:`build_optimizer`.
@@ -122,6 +123,22 @@ class OptimizerSpec:
             raise ValueError(
                 f"{self.name} does not take {', '.join(sorted(unknown))}; it takes "
                 f"{', '.join(HYPERPARAMETERS[self.name])}."
+            )
+        self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        """The library's bounds (:mod:`singd.optim.validation`), before anything trains."""
+        hp = self.resolved()
+        table = KFAC_BOUNDS if self.name == "kfac" else BOUNDS
+        for key, value in hp.items():
+            table[key].check(value)
+        if self.name in ("ikfac", "ingd", "singd"):
+            check_factor_step(
+                hp["lr_cov"],
+                hp["damping"],
+                hp.get("alpha1", 0.0),
+                kfac_like=self.name == "ikfac",
+                normalize_lr_cov=False,
             )
 
     @property

@@ -32,8 +32,10 @@ from singd.cli.options import (
     add_hyperparameter_options,
     add_run_options,
     apply_threads,
+    check_output_file,
     hyperparameter_overrides,
     positive_int,
+    seed_int,
     structure_name,
 )
 from singd.cli.report import Column, render
@@ -123,7 +125,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     group.add_argument("--batch-size", type=positive_int, help="mini-batch size (default: 64)")
     group.add_argument(
-        "--seed", type=int, help="seed of initialisation and batch order (default: 0)"
+        "--seed", type=seed_int, help="seed of initialisation and batch order (default: 0)"
     )
     add_hyperparameter_options(parser)
     ckpt = parser.add_argument_group("checkpoints")
@@ -151,7 +153,50 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
         raise CLIError(f"--resume: cannot read {str(path)!r} as a checkpoint: {error}") from error
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CLIError(f"--resume: {str(path)!r} is not a checkpoint of `singd train`.")
+    problem = _checkpoint_problem(ckpt)
+    if problem:
+        raise CLIError(f"--resume: {str(path)!r} is damaged or was edited: {problem}.")
     return ckpt
+
+
+#: What each part of a checkpoint must be: (type, check of the value, what it must be).
+_SETTING_CHECKS: dict[str, tuple[Any, Any, str]] = {
+    "dataset": (str, DATASETS.__contains__, f"one of {', '.join(DATASETS)}"),
+    "optimizer": (str, OPTIMIZERS.__contains__, f"one of {', '.join(OPTIMIZERS)}"),
+    "structure": ((str, type(None)), lambda v: True, "a structure name or None"),
+    "precision": (str, PRECISIONS.__contains__, f"one of {', '.join(PRECISIONS)}"),
+    "batch_size": (int, lambda v: v >= 1, "a positive integer"),
+    "seed": (int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64 - 1]"),
+}
+
+
+def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
+    """What is wrong with the parts of a checkpoint (None if nothing)."""
+    kinds = {
+        "settings": dict,
+        "hyperparameters": dict,
+        "epoch": int,
+        "model": dict,
+        "optimizer": dict,
+        "history": list,
+    }
+    for key, kind in kinds.items():
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            return f"{key!r} must be a {kind.__name__}, found {type(ckpt.get(key)).__name__}"
+    for key, (kind, valid, what) in _SETTING_CHECKS.items():
+        value = ckpt["settings"].get(key)
+        if isinstance(value, bool) or not isinstance(value, kind) or not valid(value):
+            return f"setting {key!r} must be {what}, found {value!r}"
+    if ckpt["epoch"] < 0:
+        return f"'epoch' must be ≥ 0, found {ckpt['epoch']}"
+    if not all(isinstance(row, dict) for row in ckpt["history"]):
+        return "'history' must be a list of rows (dicts)"
+    for name, value in ckpt["model"].items():
+        if not isinstance(value, torch.Tensor):
+            return f"model entry {name!r} must be a tensor, found {type(value).__name__}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"model tensor {name!r} holds inf/NaN"
+    return None
 
 
 def resolve_settings(
@@ -199,12 +244,15 @@ def run(args: argparse.Namespace) -> int:
     """
     apply_threads(args)
     device = args.device
+    if args.save is not None:
+        check_output_file(args.save, "--save")  # fail before training, not after
     saved = _load_checkpoint(args.resume, device) if args.resume is not None else None
     settings, overrides = resolve_settings(args, saved)
     try:
         spec = OptimizerSpec(settings["optimizer"], settings["structure"], overrides)
-    except ValueError as error:
-        raise CLIError(str(error)) from error
+    except (TypeError, ValueError) as error:
+        where = " (in the --resume checkpoint)" if saved is not None else ""
+        raise CLIError(f"{error}{where}") from error
     try:
         data = load_dataset(settings["dataset"], args.data_dir)
     except DatasetError as error:
@@ -223,8 +271,14 @@ def run(args: argparse.Namespace) -> int:
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if saved is not None:
-        trainer.model.load_state_dict(saved["model"])
-        trainer.optimizer.load_state_dict(saved["optimizer"])
+        try:
+            trainer.model.load_state_dict(saved["model"])
+            trainer.optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as error:
+            raise CLIError(
+                f"--resume: {str(args.resume)!r} does not fit this run (damaged or edited?): "
+                f"{error}"
+            ) from error
         history = [dict(row) for row in saved["history"]]
         start_epoch = int(saved["epoch"])
         trainer.steps = start_epoch * trainer.steps_per_epoch()
@@ -254,7 +308,13 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
             if args.save is not None:
-                _save_checkpoint(args.save, trainer, settings, overrides, epoch + 1, history)
+                try:
+                    _save_checkpoint(args.save, trainer, settings, overrides, epoch + 1, history)
+                except OSError as error:
+                    raise CLIError(
+                        f"--save: writing {str(args.save)!r} after epoch {epoch + 1} failed: "
+                        f"{error.strerror or error} (a checkpoint written before is intact)."
+                    ) from error
     print(
         render(
             history,
@@ -290,5 +350,9 @@ def _save_checkpoint(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no stray half-written file
+        raise
