@@ -54,8 +54,11 @@ def test_guide_profiling_snippet_shows_the_phases(capsys: pytest.CaptureFixture[
         "batches": [(torch.randn(6, 4), torch.randint(0, 3, (6,))) for _ in range(2)],
     }
     exec(snippet, namespace)
-    table = capsys.readouterr().out
-    assert all(label in table for label in PROFILER_LABELS.values()), table
+    assert "Self CPU" in capsys.readouterr().out  # the snippet prints the profiler table
+    # Which rows the printed table keeps depends on timing (it is sorted by time and
+    # cut at 15 rows), so the phases are looked up among all the profiled events.
+    events = {event.key for event in namespace["prof"].key_averages()}
+    assert set(PROFILER_LABELS.values()) <= events, sorted(events)
 
 
 def test_digits_example_script() -> None:
