@@ -116,22 +116,16 @@ def tensor_bytes(tensors: Any) -> int:
 
 
 def factor_bytes(optim: Any) -> int:
-    if isinstance(optim, SINGD):
-        return sum(
-            f.nbytes()
-            for state in optim._factors.values()
-            for f in (state.K, state.C, state.m_K, state.m_C)
-            if f is not None
-        )
-    return tensor_bytes(t for state in optim._kfac_state.values() for t in state.values())
+    """Bytes of the preconditioner state this rank holds (every layer's)."""
+    return sum(tensor_bytes(pre.state_dict().values()) for pre in optim.preconditioners.values())
 
 
 def statistics_bytes(optim: Any) -> int:
     return tensor_bytes(
         t
-        for layer in optim._layers.values()
-        if optim._has_statistics(layer)
-        for side in optim._statistics(layer)
+        for pre in optim.preconditioners.values()
+        if pre.has_statistics()
+        for side in pre.statistics()
         for t in side
     )
 

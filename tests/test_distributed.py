@@ -231,7 +231,7 @@ def published_statistics(optimizer: Any, layers: list[Any]) -> tuple[list, list,
     tensors, average, index = [], [], []
     for i, layer in enumerate(layers):
         averaged = optimizer.group_of(layer.name)["loss_average"] is not None
-        for side in optimizer._statistics(layer):
+        for side in optimizer.preconditioners[layer.name].statistics():
             tensors += side
             average += [averaged] * len(side)
             index += [i] * len(side)
@@ -271,7 +271,9 @@ def job_collectives(rank: int, out: Path) -> None:
         finally:
             dist.all_reduce, collectives._reduce_scatter, collectives._all_gather = saved
         counts[mode] = calls
-        counts[f"{mode}-factors"] = sorted(optim._factors)  # type: ignore[assignment]
+        counts[f"{mode}-factors"] = sorted(  # type: ignore[assignment]
+            name for name, pre in optim.preconditioners.items() if pre.state is not None
+        )
     (out / f"collectives-{rank}.json").write_text(json.dumps(counts))
 
 

@@ -18,6 +18,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,6 +68,36 @@ class GradScaleTracker:
     def end_step(self, next_step: int) -> None:
         """Forget scales that no later step needs."""
         self.scales = {k: v for k, v in self.scales.items() if k >= next_step - 1}
+
+
+def resolve_grad_scale(optimizer: Any, tracker: GradScaleTracker, t: int) -> float:
+    """Fix :math:`s_t` of ``optimizer``'s step ``t``; return what the gradients must be
+    divided by (1 if they are unscaled).
+
+    ``GradScaler.step`` sets ``optimizer.grad_scale`` (gradients still scaled) unless
+    the user called ``scaler.unscale_`` first (e.g. to clip): then ``grad_scale`` is
+    None, the gradients are unscaled, but the curvature statistics still carry the
+    scale, which is then read from the optimizer's ``grad_scaler``.
+
+    Raises:
+        RuntimeError: If the gradients were unscaled and there is no ``grad_scaler``.
+    """
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    scaler = optimizer.grad_scaler
+    unscaled = grad_scale is None and hasattr(optimizer, "found_inf")
+    if unscaled:
+        if scaler is None:
+            raise RuntimeError(
+                "scaler.unscale_(optimizer) was called before scaler.step(optimizer) "
+                "(e.g. to clip gradients), so the optimizer cannot see the gradient "
+                f"scale its curvature statistics carry. Construct {type(optimizer).__name__}"
+                "(..., grad_scaler=scaler) so it can read the scale."
+            )
+        grad_scale = scaler.get_scale()
+    elif grad_scale is None and scaler is not None and scaler.is_enabled():
+        grad_scale = scaler.get_scale()  # a manual loop without scaler.step
+    scale = tracker.observe(t, grad_scale)
+    return 1.0 if unscaled else scale
 
 
 @contextlib.contextmanager

@@ -131,12 +131,8 @@ def gradients(optimizer: KroneckerOptimizer) -> tuple[list[Tensor], list[bool]]:
 
 
 def due_layers(optimizer: KroneckerOptimizer) -> list[Layer]:
-    """The layers refreshed in this step (the predicate of ``_refresh_due_layers``)."""
-    return [
-        layer
-        for name, layer in optimizer._layers.items()
-        if layer.weight.grad is not None and optimizer._refresh_due(optimizer.group_of(name))
-    ]
+    """The layers refreshed in this step (:meth:`KroneckerOptimizer.due_layers`)."""
+    return optimizer.due_layers()
 
 
 def statistics(
@@ -148,7 +144,7 @@ def statistics(
     average: list[bool] = []
     layer_index: list[int] = []
     for index, layer in enumerate(layers):
-        input_side, output_side = optimizer._statistics(layer)
+        input_side, output_side = optimizer.preconditioners[layer.name].statistics()
         avg_output = average_over_ranks(optimizer.group_of(layer.name))
         for side, avg in ((input_side, True), (output_side, avg_output)):
             tensors.extend(side)

@@ -54,7 +54,6 @@ from singd.distributed.collectives import (
     launch_reduce_scatter,
 )
 from singd.distributed.replicated import Replicated
-from singd.structures import Dense
 
 if TYPE_CHECKING:
     from singd.optim.base import KroneckerOptimizer, Layer
@@ -62,13 +61,10 @@ if TYPE_CHECKING:
 
 def layer_cost(optimizer: KroneckerOptimizer, layer: Layer) -> float:
     """The balancing cost of a layer (module docstring)."""
-    d_K, d_C = layer.adapter.factor_dims(layer.module)
-    group = optimizer.group_of(layer.name)
-    structure_K, structure_C = group.get("structures", (Dense(), Dense()))
-    structure_K = layer.adapter.input_structure or structure_K
+    plan = optimizer.preconditioners[layer.name].plan
     return sum(
         float(structure.num_stored(dim)) ** 1.5
-        for structure, dim in ((structure_K, d_K), (structure_C, d_C))
+        for structure, dim in ((plan.structure_K, plan.d_K), (plan.structure_C, plan.d_C))
     )
 
 
@@ -145,7 +141,7 @@ class Sharded(Replicated):
         finish_statistics()
         for layer in layers:
             if not self.owns(layer.name):
-                optimizer._drop_statistics(layer)
+                optimizer.preconditioners[layer.name].drop_statistics()
 
     def share_updates(
         self, optimizer: KroneckerOptimizer, updates: dict[str, Tensor]

@@ -8,26 +8,17 @@ Theorem 1 (IKFAC ≈ KFAC to first order in β₁) can be tested. Statistics sta
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from singd.config import KFACConfig, LayerPlan, dense_plan, dtype_name
 from singd.distributed import Distributor
-from singd.functional import kfac_natural_gradient
-from singd.functional.kfac import damped_inverse, ema_update
-from singd.layers import grad_output_matrix, input_matrix
 from singd.optim.base import KroneckerOptimizer, Layer
-from singd.optim.validation import (
-    KFAC_BOUNDS,
-    dtype_name,
-    parse_dtype,
-    resolve_lr_cov,
-)
-
-_STATE_NAMES = ("S_K", "S_C", "P_K", "P_C")
+from singd.optim.validation import KFAC_BOUNDS, parse_dtype
+from singd.preconditioners import KFACPreconditioner
 
 
 class KFAC(KroneckerOptimizer):
@@ -61,6 +52,8 @@ class KFAC(KroneckerOptimizer):
 
     _STATE_KEY = "kfac"
     _BOUNDS = KFAC_BOUNDS
+    config_cls = KFACConfig
+    preconditioner_cls = KFACPreconditioner
 
     def __init__(
         self,
@@ -101,9 +94,6 @@ class KFAC(KroneckerOptimizer):
             "fallback_betas": fallback_betas,
             "fallback_eps": fallback_eps,
         }
-        self._kfac_state: dict[str, dict[str, Tensor]] = {}
-        self._U: dict[str, Tensor] = {}
-        self._G: dict[str, Tensor] = {}
         super().__init__(
             model,
             params,
@@ -121,39 +111,14 @@ class KFAC(KroneckerOptimizer):
         if group["inverse_dtype"] is None:
             raise ValueError("inverse_dtype must be a dtype, not None.")
 
+    def _plan(self, layer: Layer, config: KFACConfig) -> LayerPlan:
+        return dense_plan(config, layer.adapter.factor_dims(layer.module), config.factor_dtype)
+
     def layer_state(self, layer_name: str) -> dict[str, Tensor]:
         """S_K, S_C (statistics, start at I) and P_K, P_C (damped inverses) of a layer."""
-        state = self._kfac_state.get(layer_name)
-        if state is None:
-            layer = self._layers[layer_name]
-            group = self.group_of(layer_name)
-            dtype = group["factor_dtype"] or layer.weight.dtype
-            d_K, d_C = layer.adapter.factor_dims(layer.module)
-            kw = {"dtype": dtype, "device": layer.weight.device}
-            state = {"S_K": torch.eye(d_K, **kw), "S_C": torch.eye(d_C, **kw)}
-            state["P_K"] = damped_inverse(state["S_K"], group["damping"], group["inverse_dtype"])
-            state["P_C"] = damped_inverse(state["S_C"], group["damping"], group["inverse_dtype"])
-            self._kfac_state[layer_name] = state
-        return state
-
-    def _accumulate(self, layer: Layer, group: dict[str, Any], x: Tensor, g: Tensor) -> None:
-        dtype = group["factor_dtype"] or layer.weight.dtype  # (no state: sharded non-owners)
-        approx = group["kfac_approx"]
-        A = input_matrix(layer.adapter, layer.module, x.to(dtype), approx)
-        Gm = grad_output_matrix(
-            layer.adapter, layer.module, g.to(dtype), approx, group["loss_average"]
-        )
-        previous_scale = self._scales.previous(self.steps)
-        if previous_scale != 1.0:
-            Gm = Gm / math.sqrt(previous_scale)
-        for store, stat in ((self._U, A.T @ A), (self._G, Gm.T @ Gm)):
-            if layer.name in store:
-                store[layer.name].add_(stat)
-            else:
-                store[layer.name] = stat
-
-    def _has_statistics(self, layer: Layer) -> bool:
-        return layer.name in self._U
+        pre = self._preconditioners[layer_name]
+        assert isinstance(pre, KFACPreconditioner)
+        return pre.layer_state()
 
     def _unsupported_reason(self, layer: Layer) -> str | None:
         if layer.adapter.input_structure is not None:
@@ -163,64 +128,8 @@ class KFAC(KroneckerOptimizer):
             )
         return None
 
-    def _forget_layer(self, layer: Layer) -> None:
-        for store in (self._kfac_state, self._U, self._G):
-            store.pop(layer.name, None)
-
-    def _describe_layer(self, layer: Layer) -> tuple[str, int]:
-        d_K, d_C = layer.adapter.factor_dims(layer.module)
-        group = self.group_of(layer.name)
-        dtype = group["factor_dtype"] or layer.weight.dtype
-        text = f"S_K, P_K: dense {d_K}, S_C, P_C: dense {d_C} {dtype_name(dtype)}"
-        return text, 2 * (d_K**2 + d_C**2) * dtype.itemsize
-
-    def _clear_statistics(self) -> None:
-        self._U.clear()
-        self._G.clear()
-
-    def _statistics(self, layer: Layer) -> tuple[list[Tensor], list[Tensor]]:
-        return [self._U[layer.name]], [self._G[layer.name]]
-
-    def _drop_statistics(self, layer: Layer) -> None:
-        self._U.pop(layer.name, None)
-        self._G.pop(layer.name, None)
-
-    def _refresh(
-        self, layer: Layer, group: dict[str, Any], h_c_unscale: float
-    ) -> tuple[Tensor, Callable[[], None]]:
-        old = dict(self.layer_state(layer.name))
-        state = self.layer_state(layer.name)
-        beta1 = resolve_lr_cov(group["lr_cov"], self.steps, table=KFAC_BOUNDS)
-        U, G = self._U.pop(layer.name), self._G.pop(layer.name) * h_c_unscale
-        state["S_K"] = ema_update(state["S_K"], U, beta1)
-        state["S_C"] = ema_update(state["S_C"], G, beta1)
-        state["P_K"] = damped_inverse(state["S_K"], group["damping"], group["inverse_dtype"])
-        state["P_C"] = damped_inverse(state["S_C"], group["damping"], group["inverse_dtype"])
-        finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).all()
-
-        def undo() -> None:
-            self._kfac_state[layer.name] = old
-
-        return finite, undo
-
-    def _precondition(self, layer: Layer, G: Tensor) -> Tensor:
-        state = self.layer_state(layer.name)
-        return kfac_natural_gradient(state["P_K"], state["P_C"], G)
-
     def _plain_group(self, group: dict[str, Any]) -> dict[str, Any]:
         plain = super()._plain_group(group)
         plain["factor_dtype"] = dtype_name(group["factor_dtype"])
         plain["inverse_dtype"] = dtype_name(group["inverse_dtype"])
         return plain
-
-    def _layer_state(self, layer: Layer) -> dict[str, Tensor]:
-        return dict(self._kfac_state.get(layer.name, {}))
-
-    def _load_layer_state(self, layer: Layer, state: Mapping[str, Tensor]) -> None:
-        self._kfac_state.pop(layer.name, None)
-        if state:
-            like = self.layer_state(layer.name)
-            self._kfac_state[layer.name] = {
-                k: state[k].to(device=like[k].device, dtype=like[k].dtype).clone()
-                for k in _STATE_NAMES
-            }

@@ -66,8 +66,12 @@ from typing import Any
 
 import torch
 
+from singd.config import dtype_name as dtype_name  # (re-exported: its old home)
+from singd.config import plain
 from singd.layers import KFAC_APPROXIMATIONS, LOSS_AVERAGES
+from singd.optim.fallback import available_fallbacks
 
+#: The built-in fallback rules (more can be registered: :mod:`singd.optim.fallback`).
 FALLBACK_RULES = ("adamw", "sgd", None)
 
 #: Defaults of the fallback's own hyper-parameters (per param group). The fallback
@@ -253,11 +257,6 @@ def check_factor_step(
         )
 
 
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    """``torch.float32`` → ``"float32"`` (None stays None), for checkpoints."""
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
 def parse_dtype(dtype: torch.dtype | str | None, what: str) -> torch.dtype | None:
     """Accept a dtype, its name, or None; raise a clear error otherwise."""
     if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
@@ -330,7 +329,12 @@ def validate_common_group(group: dict[str, Any], table: Mapping[str, Bound] = BO
     Raises:
         TypeError: For values of the wrong type.
         ValueError: For values out of range or unknown names (naming the valid ones).
+
+    Enum members (:mod:`singd.config`) are stored as their plain values.
     """
+    for key in ("kfac_approx", "loss_average", "fallback"):
+        if key in group:
+            group[key] = plain(group[key])
     for key in ("lr", "momentum", "weight_decay", "damping"):
         if key in group:
             table[key].check(group[key])
@@ -341,8 +345,8 @@ def validate_common_group(group: dict[str, Any], table: Mapping[str, Bound] = BO
         raise ValueError(
             f"Invalid kfac_approx {group.get('kfac_approx')!r}. Valid: {KFAC_APPROXIMATIONS}."
         )
-    if group["fallback"] not in FALLBACK_RULES:
-        raise ValueError(f"Invalid fallback {group['fallback']!r}. Valid: {FALLBACK_RULES}.")
+    if group["fallback"] not in available_fallbacks():
+        raise ValueError(f"Invalid fallback {group['fallback']!r}. Valid: {available_fallbacks()}.")
     betas = group["fallback_betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"fallback_betas must be two numbers in [0, 1), got {betas!r}.")

@@ -1,0 +1,364 @@
+"""Which parameters of a model get Kronecker factors, which the fallback, and why.
+
+:func:`discover_layers` maps each parameter to the supported layer it belongs to (a
+module with a registered adapter, :mod:`singd.layers`) or gives the reason it has
+none. A :class:`LayerRegistry` keeps what an optimizer made of that: the layers of
+each param group, the parameters trained by the fallback rule, the layers demoted
+to the fallback after construction, and renders it as a table (``print(optimizer)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from singd.config import GroupConfig, LayerPlan
+from singd.layers import LayerAdapter, find_adapter, supported_layer_types
+from singd.optim.groups import GroupConfigs
+from singd.optim.validation import BOUNDS, Bound, validate_common_group
+
+if TYPE_CHECKING:
+    from singd.capture import StatisticsCapture
+    from singd.distributed import Distributor
+    from singd.preconditioners import LayerPreconditioner
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A supported layer: its name in the model, the module and its adapter."""
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The weight parameter."""
+        return self.adapter.parameters(self.module)[0]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Weight and bias (if any), in the order of :meth:`LayerAdapter.split_matrix`."""
+        return [p for p in self.adapter.parameters(self.module) if p is not None]
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        """The parameters of :attr:`params` that require gradients."""
+        return [p for p in self.params if p.requires_grad]
+
+
+def discover_layers(
+    model: nn.Module, unsupported_reason: Callable[[Layer], str | None]
+) -> tuple[dict[nn.Parameter, Layer], dict[nn.Parameter, str]]:
+    """Map parameters to supported layers; give every other parameter a reason.
+
+    A parameter shared by several layers (tied weights) excludes all of them: one
+    pair of Kronecker factors cannot serve two different layers.
+
+    Args:
+        model: The model.
+        unsupported_reason: Why an optimizer cannot precondition a layer it has an
+            adapter for (None if it can).
+
+    Returns:
+        ``(layer_of_param, reasons)``: the Kronecker layer of each of its
+        parameters, and why every other parameter gets none.
+    """
+    owners: dict[nn.Parameter, list[Layer]] = {}
+    for name, module in model.named_modules():
+        adapter = find_adapter(module)
+        if adapter is None:
+            continue
+        adapter.check(module)
+        layer = Layer(name, module, adapter)
+        for p in layer.params:
+            owners.setdefault(p, []).append(layer)
+    layer_of_param: dict[nn.Parameter, Layer] = {}
+    reasons: dict[nn.Parameter, str] = {}
+    excluded: dict[str, str] = {}
+    for layers in owners.values():
+        if len(layers) > 1:
+            reason = "shared by layers " + ", ".join(repr(layer.name) for layer in layers)
+            for layer in layers:
+                excluded[layer.name] = reason
+    for p, layers in owners.items():
+        layer = layers[0]
+        reason = excluded.get(layer.name) or unsupported_reason(layer)
+        if reason is None:
+            layer_of_param[p] = layer
+        else:
+            reasons[p] = reason
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p not in owners:
+                reasons.setdefault(p, f"{type(module).__name__} has no Kronecker adapter")
+    return layer_of_param, reasons
+
+
+class LayerRegistry:
+    """The layers of an optimizer's param groups, its fallback parameters, and why.
+
+    Args:
+        model: The (unwrapped) model.
+        unsupported_reason: As for :func:`discover_layers`.
+    """
+
+    def __init__(self, model: nn.Module, unsupported_reason: Callable[[Layer], str | None]) -> None:
+        self.param_names = {p: name for name, p in model.named_parameters()}
+        self.layer_of_param, self.fallback_reasons = discover_layers(model, unsupported_reason)
+        self.layers: dict[str, Layer] = {}
+        self.group_of_layer: dict[str, int] = {}
+        self.fallback_group: dict[nn.Parameter, int] = {}
+        self.demoted: dict[str, str] = {}  # layers moved to the fallback after construction
+
+    def untrained(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+        """The parameters of ``params`` that have no Kronecker layer."""
+        return [p for p in params if p not in self.layer_of_param]
+
+    def describe_params(self, params: Iterable[nn.Parameter]) -> str:
+        """``name (reason)`` for each parameter, for warnings."""
+        return "; ".join(f"{self.param_names[p]} ({self.fallback_reasons[p]})" for p in params)
+
+    def register_group(
+        self, params: list[nn.Parameter], index: int, fallback: str | None
+    ) -> list[Layer]:
+        """Check a new param group's parameters; return its new layers (not yet added).
+
+        Raises:
+            ValueError: For parameters without a layer when there is no fallback (or
+                not of the model), a layer in another group, or a split layer.
+        """
+        in_group = {id(p) for p in params}
+        new_layers: list[Layer] = []
+        fallback_params: list[nn.Parameter] = []
+        for p in params:
+            layer = self.layer_of_param.get(p)
+            if layer is None:
+                name = self.param_names.get(p, "<not in the model>")
+                reason = self.fallback_reasons.get(p, "not a parameter of the model")
+                if fallback is None or p not in self.param_names:
+                    raise ValueError(
+                        f"Parameter {name!r} cannot get Kronecker factors ({reason}). Supported "
+                        f"layers: {', '.join(supported_layer_types())}. Use fallback='adamw' or "
+                        "'sgd' to train it with a first-order rule in this optimizer."
+                    )
+                fallback_params.append(p)
+                continue
+            if layer.name in self.group_of_layer and self.group_of_layer[layer.name] != index:
+                raise ValueError(f"Layer {layer.name!r} already belongs to another param group.")
+            missing = [q for q in layer.trainable_params() if id(q) not in in_group]
+            if missing:
+                raise ValueError(
+                    f"The weight and bias of layer {layer.name!r} must be in the same param group."
+                )
+            if layer.name not in self.group_of_layer and layer not in new_layers:
+                new_layers.append(layer)
+        for p in fallback_params:
+            self.fallback_group[p] = index
+        return new_layers
+
+    def add(self, layer: Layer, index: int) -> None:
+        """Make ``layer`` a Kronecker layer of param group ``index``."""
+        self.layers[layer.name] = layer
+        self.group_of_layer[layer.name] = index
+
+    def demote(self, name: str, reason: str) -> Layer:
+        """Move a layer's parameters to its group's fallback rule; return the layer."""
+        index = self.group_of_layer.pop(name)
+        layer = self.layers.pop(name)
+        self.demoted[name] = reason
+        for p in layer.params:
+            self.layer_of_param.pop(p, None)
+            self.fallback_reasons[p] = reason
+            if p.requires_grad:
+                self.fallback_group[p] = index
+        return layer
+
+    def report(
+        self,
+        describe_layer: Callable[[str], tuple[str, int]],
+        state_bytes: Callable[[Iterable[nn.Parameter]], int],
+        param_groups: list[dict[str, Any]],
+    ) -> str:
+        """A table of how every trainable parameter of the model is handled.
+
+        One row per Kronecker layer (type, parameters, factor structures and
+        dimensions, bytes of optimizer state: factors, momenta and momentum buffers),
+        then one row per fallback parameter with its rule, the reason it gets no
+        Kronecker factors, and its state bytes; the total comes last. Factors are
+        allocated at the first step: before that their bytes are what they will take.
+
+        Args:
+            describe_layer: (text, bytes) of a layer's preconditioner, by name.
+            state_bytes: Bytes of the ``optimizer.state`` of some parameters.
+            param_groups: The optimizer's param groups (for the fallback rules).
+        """
+        rows = [("layer", "type", "parameters", "preconditioner", "state bytes")]
+        total = 0
+        for name, layer in self.layers.items():
+            factors, nbytes = describe_layer(name)
+            nbytes += state_bytes(layer.params)
+            total += nbytes
+            params = ", ".join(
+                n.rsplit(".", 1)[-1] for n in (self.param_names[p] for p in layer.params)
+            )
+            rows.append((name or "<model>", type(layer.module).__name__, params, factors, nbytes))
+        for p, index in self.fallback_group.items():
+            rule = param_groups[index]["fallback"]
+            nbytes = state_bytes([p])
+            total += nbytes
+            reason = self.fallback_reasons.get(p, "")
+            rows.append((self.param_names.get(p, "?"), "fallback", rule, reason, nbytes))
+        untrained = [
+            name
+            for p, name in self.param_names.items()
+            if p.requires_grad and p not in self.fallback_group and p not in self.layer_of_param
+        ]
+        widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+        lines = [
+            "  ".join(str(cell).ljust(w) for cell, w in zip(row[:4], widths, strict=True))
+            + f"  {row[4]}"
+            for row in rows
+        ]
+        lines.append(f"total optimizer state: {total} bytes")
+        if untrained:
+            lines.append(f"not trained by this optimizer: {', '.join(untrained)}")
+        return "\n".join(lines)
+
+
+class LayerGroupsMixin(Optimizer):
+    """Param groups, their layers and configurations, for
+    :class:`~singd.optim.base.KroneckerOptimizer`.
+
+    Subclasses give :attr:`config_cls`, :attr:`preconditioner_cls`, :meth:`_plan`
+    and may extend :meth:`_validate_group` and :meth:`_unsupported_reason`.
+    """
+
+    #: The configuration of a param group (validated once, :mod:`singd.config`).
+    config_cls: type[GroupConfig] = GroupConfig
+    #: The per-layer preconditioner (:mod:`singd.preconditioners`).
+    preconditioner_cls: type[LayerPreconditioner]
+    #: The hyper-parameter bounds (:mod:`singd.optim.validation`).
+    _BOUNDS: Mapping[str, Bound] = BOUNDS
+
+    _registry: LayerRegistry
+    _preconditioners: dict[str, LayerPreconditioner]
+    _groups: GroupConfigs[GroupConfig]
+    _capture: StatisticsCapture
+    _distributor: Distributor
+
+    def _unsupported_reason(self, layer: Layer) -> str | None:
+        """Why this optimizer cannot precondition ``layer`` (None if it can)."""
+        return None
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check and normalise a param group's hyper-parameters (subclasses extend)."""
+        validate_common_group(group, self._BOUNDS)
+
+    @abstractmethod
+    def _plan(self, layer: Layer, config: Any) -> LayerPlan:
+        """The plan of ``layer``'s preconditioner under its group's ``config``."""
+
+    def _make_preconditioner(self, layer: Layer, config: GroupConfig) -> LayerPreconditioner:
+        return self.preconditioner_cls(
+            layer,
+            self._plan(layer, config),
+            config,
+            factor_free_statistics=not self._distributor.replicates_factors,
+        )
+
+    @property
+    def _layers(self) -> dict[str, Layer]:
+        return self._registry.layers
+
+    @property
+    def _param_names(self) -> dict[nn.Parameter, str]:
+        return self._registry.param_names
+
+    @property
+    def preconditioners(self) -> Mapping[str, LayerPreconditioner]:
+        """Every layer's preconditioner, by module name."""
+        return self._preconditioners
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its parameters must be the weights/biases of supported layers.
+
+        New layers get fresh preconditioner state; a layer's weight and bias must be
+        in the same group.
+
+        Raises:
+            ValueError: For parameters of unsupported layers, split layers, or
+                invalid hyper-parameters.
+        """
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._parse_group(index)
+            group = self.param_groups[index]
+            layers = self._registry.register_group(group["params"], index, group["fallback"])
+        except Exception:
+            self.param_groups.pop()
+            self._groups.truncate(index)
+            raise
+        for layer in layers:
+            self._registry.add(layer, index)
+            config = self._groups.configs[index]
+            self._preconditioners[layer.name] = self._make_preconditioner(layer, config)
+            self._capture.add(layer.name, layer.module)
+
+    def _validated_config(self, group: dict[str, Any]) -> GroupConfig:
+        self._validate_group(group)
+        return self.config_cls.from_group(group)
+
+    def _parse_group(self, index: int) -> None:
+        """Validate group ``index`` into its configuration; give its layers new plans."""
+        config = self._groups.parse(index, self.param_groups[index])
+        for name, pre in self._preconditioners.items():
+            if self._registry.group_of_layer[name] == index:
+                pre.config, pre.plan = config, self._plan(pre.layer, config)
+
+    def _config(self, index: int) -> GroupConfig:
+        """The configuration of group ``index``, re-validated if the group was edited."""
+        for edited in self._groups.edited(self.param_groups):
+            self._parse_group(edited)
+        return self._groups.configs[index]
+
+    def group_of(self, layer_name: str) -> dict[str, Any]:
+        """The param group of a layer."""
+        return self.param_groups[self._registry.group_of_layer[layer_name]]
+
+    def _layer_config(self, layer_name: str) -> GroupConfig:
+        return self._config(self._registry.group_of_layer[layer_name])
+
+    def _demote(self, name: str, reason: str) -> None:
+        """Move a layer's parameters to the fallback rule (hooks removed, state dropped)."""
+        self._registry.demote(name, reason)
+        self._capture.discard(name)
+        del self._preconditioners[name]
+
+    # --- registration report -----------------------------------------------------------
+    def _state_bytes(self, params: Iterable[nn.Parameter]) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for p in params
+            for t in self.state.get(p, {}).values()
+            if isinstance(t, Tensor)
+        )
+
+    def describe(self) -> str:
+        """A table of how every trainable parameter of the model is handled.
+
+        See :meth:`LayerRegistry.report`.
+        """
+        return self._registry.report(
+            lambda name: self._preconditioners[name].describe(),
+            self._state_bytes,
+            self.param_groups,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(\n{self.describe()}\n)"

@@ -1,0 +1,224 @@
+r"""SINGD's per-layer preconditioner: factors K, C, momenta m_K, m_C, accumulators H_K, H_C.
+
+At refresh steps the hooks accumulate :math:`H_K = \hat\Pi(K^\top U K)` and
+:math:`H_C = \hat\Pi(C^\top G C)` (in the sharded mode the factor-free statistics
+of :mod:`singd.distributed.statistics`, sandwiched by the owner at the refresh);
+the refresh is :func:`singd.functional.update_factors`, the preconditioning
+:math:`C C^\top \nabla W K K^\top` (:func:`singd.functional.natural_gradient`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from singd.config import dtype_name
+from singd.distributed.statistics import input_statistic, output_statistic, sandwich
+from singd.functional import FactorHyperparams, FactorState, natural_gradient, update_factors
+from singd.layers import grad_output_diagonal, grad_output_matrix, input_matrix
+from singd.preconditioners.base import LayerPreconditioner
+from singd.structures import StructuredMatrix
+
+if TYPE_CHECKING:
+    from singd.config import LayerPlan, SINGDConfig
+    from singd.optim.layer_registry import Layer
+
+FACTOR_NAMES = ("K", "C", "m_K", "m_C")
+
+
+def input_curvature(K: StructuredMatrix, layer: Layer, x: Tensor, approx: str) -> StructuredMatrix:
+    r""":math:`H_K = \hat\Pi(K^\top A^\top A K)` from the layer input.
+
+    A diagonal K (``inner_needs_only_diagonal``) needs only
+    :math:`\operatorname{diag}(A^\top A)`, which adapters compute without forming
+    :math:`A` (unfolded convolution patches, one-hot embedding inputs).
+    """
+    if x.is_floating_point():  # (embedding inputs are indices)
+        x = x.to(K.dtype)
+    if K.inner_needs_only_diagonal:
+        return K.from_inner_diagonal(layer.adapter.input_diagonal(layer.module, x, approx))
+    return K.from_inner(input_matrix(layer.adapter, layer.module, x, approx).T)
+
+
+def output_curvature(
+    C: StructuredMatrix,
+    layer: Layer,
+    g: Tensor,
+    approx: str,
+    loss_average: str | None,
+    previous_scale: float = 1.0,
+) -> StructuredMatrix:
+    r""":math:`H_C = \hat\Pi(C^\top G_m^\top G_m C) / s_{t-1}` from the output gradient.
+
+    A diagonal C (``inner_needs_only_diagonal``) needs only
+    :math:`\operatorname{diag}(G_m^\top G_m)`, computed without forming :math:`G_m`.
+    :math:`s_{t-1}` is the previous gradient scale.
+    """
+    if C.inner_needs_only_diagonal:
+        diag = grad_output_diagonal(layer.adapter, layer.module, g, approx, loss_average)
+        return C.from_inner_diagonal(diag / previous_scale if previous_scale != 1.0 else diag)
+    Gm = grad_output_matrix(layer.adapter, layer.module, g, approx, loss_average)
+    if previous_scale != 1.0:
+        Gm = Gm / math.sqrt(previous_scale)
+    return C.from_inner(Gm.T)
+
+
+def restore_factor(like: StructuredMatrix, saved: Mapping[str, Tensor]) -> StructuredMatrix:
+    """A factor of ``like``'s structure, dim, dtype and device from saved tensors (copied)."""
+    tensors = {k: v.to(device=like.device, dtype=like.dtype).clone() for k, v in saved.items()}
+    return like.structure.from_tensors(like.dim, tensors)
+
+
+class SINGDPreconditioner(LayerPreconditioner):
+    """Factors (allocated as K = I, C = I on first use) and the H accumulators of a layer."""
+
+    config: SINGDConfig
+
+    def __init__(
+        self,
+        layer: Layer,
+        plan: LayerPlan,
+        config: SINGDConfig,
+        *,
+        factor_free_statistics: bool = False,
+    ) -> None:
+        super().__init__(layer, plan, config, factor_free_statistics=factor_free_statistics)
+        self.state: FactorState | None = None
+        self.H_K: StructuredMatrix | None = None
+        self.H_C: StructuredMatrix | None = None
+
+    def factors(self) -> FactorState:
+        """K, C (and m_K, m_C if α₁ ≠ 0), allocated as K = I, C = I on first use."""
+        if self.state is None:
+            plan, device = self.plan, self.layer.weight.device
+            kw_K = {"dtype": self.dtype_K, "device": device}
+            kw_C = {"dtype": self.dtype_C, "device": device}
+            state = FactorState(
+                K=plan.structure_K.eye(plan.d_K, **kw_K),
+                C=plan.structure_C.eye(plan.d_C, **kw_C),
+            )
+            if self.config.alpha1 != 0:
+                state.m_K = plan.structure_K.zeros(plan.d_K, **kw_K)
+                state.m_C = plan.structure_C.zeros(plan.d_C, **kw_C)
+            self.state = state
+        return self.state
+
+    # --- statistics ------------------------------------------------------------------
+    def accumulate(self, x: Tensor, g: Tensor, previous_scale: float) -> None:
+        plan, layer = self.plan, self.layer
+        approx, loss_average = plan.approx, plan.loss_average_name
+        g = g.to(self.dtype_C)
+        # The hook divides by √s_{t−1} (singd.amp): squares carry 1/s_{t−1}.
+        if not self.factor_free_statistics:
+            state = self.factors()
+            H_K = input_curvature(state.K, layer, x, approx)
+            H_C = output_curvature(state.C, layer, g, approx, loss_average, previous_scale)
+        else:  # sharded: the owner forms H from the reduced U, G (singd.distributed.statistics)
+            x = x.to(self.dtype_K) if x.is_floating_point() else x
+            H_K = input_statistic(plan.structure_K, layer.adapter, layer.module, x, approx)
+            H_C = output_statistic(
+                plan.structure_C,
+                layer.adapter,
+                layer.module,
+                g,
+                approx,
+                loss_average,
+                previous_scale,
+            )
+        if self.H_K is None or self.H_C is None:
+            self.H_K, self.H_C = H_K, H_C
+        else:
+            self.H_K.add_(H_K)
+            self.H_C.add_(H_C)
+
+    def has_statistics(self) -> bool:
+        return self.H_K is not None
+
+    def statistics(self) -> tuple[list[Tensor], list[Tensor]]:
+        assert self.H_K is not None and self.H_C is not None
+        return list(self.H_K.tensors().values()), list(self.H_C.tensors().values())
+
+    def drop_statistics(self) -> None:
+        self.H_K = self.H_C = None
+
+    # --- state -----------------------------------------------------------------------
+    def hyperparams(self, lr_cov: float) -> FactorHyperparams:
+        """The factor update's hyper-parameters with the live β₁."""
+        config = self.config
+        return FactorHyperparams(
+            lr_cov=lr_cov,
+            damping=config.damping,
+            alpha1=config.alpha1,
+            kfac_like=config.kfac_like,
+            normalize_lr_cov=config.normalize_lr_cov,
+        )
+
+    def refresh(self, lr_cov: float, h_c_unscale: float) -> tuple[Tensor, Callable[[], None]]:
+        H_K, H_C = self.H_K, self.H_C
+        assert H_K is not None and H_C is not None
+        self.H_K = self.H_C = None
+        old = self.factors()
+        if self.factor_free_statistics:  # reduced U, G → H_K, H_C
+            H_K, H_C = sandwich(old.K, H_K), sandwich(old.C, H_C)
+        new = update_factors(old, H_K, H_C, self.hyperparams(lr_cov), h_c_unscale)
+        self.state = new
+        # inf/NaN anywhere in H or m reaches K_new = K − β₁ K m and C_new: one sum
+        # per stored tensor of the new factors detects it (sums propagate inf/NaN).
+        sums = [t.sum(dtype=torch.float32) for f in (new.K, new.C) for t in f.tensors().values()]
+        finite = torch.isfinite(torch.stack(sums).sum())
+
+        def undo() -> None:
+            self.state = old
+
+        return finite, undo
+
+    def precondition(self, G: Tensor) -> Tensor:
+        state = self.factors()
+        return natural_gradient(state.K, state.C, G)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.state is None:
+            return {}
+        out: dict[str, Tensor] = {}
+        for factor_name in FACTOR_NAMES:
+            factor = getattr(self.state, factor_name)
+            if factor is not None:
+                for tensor_name, t in factor.tensors().items():
+                    out[f"{factor_name}.{tensor_name}"] = t
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.state = None
+        if not state:
+            return
+        current = self.factors()  # right structures, dims, dtypes and device
+        for factor_name in FACTOR_NAMES:
+            factor = getattr(current, factor_name)
+            prefix = f"{factor_name}."
+            saved = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            if factor is None:  # a momentum this config does not allocate (α₁ = 0)
+                if saved:
+                    like = getattr(current, factor_name[-1])
+                    setattr(current, factor_name, restore_factor(like, saved))
+                continue
+            setattr(current, factor_name, restore_factor(factor, saved))
+
+    def describe(self) -> tuple[str, int]:
+        state, plan = self.state, self.plan
+        if state is None:  # not allocated yet: count what the first step will allocate
+            copies = 2 if self.config.alpha1 != 0 else 1
+            nbytes = copies * (
+                plan.structure_K.num_stored(plan.d_K) * self.dtype_K.itemsize
+                + plan.structure_C.num_stored(plan.d_C) * self.dtype_C.itemsize
+            )
+            return f"K: {plan.structure_K} {plan.d_K}, C: {plan.structure_C} {plan.d_C}", nbytes
+        factors = [f for f in (state.K, state.C, state.m_K, state.m_C) if f is not None]
+        text = (
+            f"K: {state.K.structure} {state.K.dim} {dtype_name(state.K.dtype)}, "
+            f"C: {state.C.structure} {state.C.dim} {dtype_name(state.C.dtype)}"
+        )
+        return text, sum(f.nbytes() for f in factors)
