@@ -185,7 +185,7 @@ def job_errors(rank: int, out: Path) -> None:
     expect(ValueError, lambda: SINGD(Net(), distributed="everywhere"))
     from torch.distributed.fsdp import fully_shard  # FSDP2 runs on CPU (FSDP1 does not)
 
-    expect(TypeError, lambda: SINGD(fully_shard(Net())))
+    expect(ValueError, lambda: SINGD(fully_shard(Net()), distributed="replicated"))
     # auto picks the replicated strategy on 2 ranks, and the optimizer checks drift
     messages.append(type(SINGD(Net())._distributor).__name__)
     torch.manual_seed(0)
@@ -430,7 +430,9 @@ def test_errors_are_clear_and_identical_on_every_rank(results: Path) -> None:
     assert "ValueError: distributed=None with a DistributedDataParallel" in lines[0]
     assert "TypeError: The model contains a DistributedDataParallel wrapper below" in lines[1]
     assert "ValueError: Invalid distributed 'everywhere'" in lines[2]
-    assert lines[3].startswith("TypeError: FSDP (FullyShardedDataParallel / fully_shard) is not")
+    assert lines[3].startswith(
+        "ValueError: The model is sharded with fully_shard (FSDP2); distributed='replicated'"
+    )
     assert lines[4] == "Replicated"
     assert lines[5].startswith("RuntimeError: Parameters differ between ranks at step 1: head.bias")
 

@@ -9,6 +9,9 @@ Pick a strategy with the optimizers' ``distributed`` argument:
   (and, without the DDP wrapper, gradients) are all-reduced in flat buckets;
 * ``"sharded"`` — :class:`Sharded`: each rank owns the factors of a cost-balanced
   subset of layers; owners refresh and precondition, an all-gather shares the result;
+* ``"fsdp2"`` — :class:`FSDP2`, for models sharded with ``fully_shard`` (chosen by
+  ``"auto"`` for them): each rank owns the factors of a subset of layers, gathers
+  their full gradients from the shards and sends the natural gradients back;
 * ``None`` — :class:`Local`: no communication;
 * a :class:`Distributor` instance, to set the process group, bucket size or the
   periodic cross-rank parameter check, e.g. ``Sharded(check_every=100)``.
@@ -21,11 +24,13 @@ from singd.distributed.base import (
     resolve_distributor,
     unwrap_model,
 )
+from singd.distributed.fsdp2 import FSDP2
 from singd.distributed.replicated import Replicated
 from singd.distributed.sharded import Sharded
 
 __all__ = [
     "DISTRIBUTED_MODES",
+    "FSDP2",
     "Distributor",
     "Local",
     "Replicated",

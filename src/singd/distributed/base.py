@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from singd.optim.base import KroneckerOptimizer, Layer
 
 #: Values of the optimizers' ``distributed`` argument besides a :class:`Distributor`.
-DISTRIBUTED_MODES = ("auto", "replicated", "sharded", None)
+DISTRIBUTED_MODES = ("auto", "replicated", "sharded", "fsdp2", None)
 
 
 class Distributor:
@@ -85,6 +85,13 @@ class Distributor:
     def owns(self, layer_name: str) -> bool:
         """Whether this rank refreshes and preconditions ``layer_name``."""
         return True
+
+    def owned_gradients(
+        self, optimizer: KroneckerOptimizer, grads: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Gradient matrices of every layer with a gradient → the full ones of the layers
+        this rank preconditions."""
+        return {name: G for name, G in grads.items() if self.owns(name)}
 
     def share_updates(
         self, optimizer: KroneckerOptimizer, updates: dict[str, Tensor]
@@ -154,31 +161,25 @@ def statistics(
 
 
 # --- wrappers and the ``distributed`` argument ---------------------------------------------
-def _fsdp_types() -> tuple[type, ...]:
-    types: list[type] = []
+def _fsdp1_type() -> type | None:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
-
-        types.append(FullyShardedDataParallel)
     except ImportError:  # pragma: no cover (torch without FSDP)
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule  # FSDP2, ``fully_shard`` (torch ≥ 2.6)
-
-        types.append(FSDPModule)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+        return None
+    return FullyShardedDataParallel
 
 
 def unwrap_model(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """The model whose layers get hooks, and its ``DistributedDataParallel`` wrapper.
 
+    A ``fully_shard`` (FSDP2) model is its own model: the hooks go on its modules.
+
     Raises:
         TypeError: For ``nn.DataParallel`` (one process driving several GPUs: its
-            per-GPU replicas are rebuilt at every forward), for FSDP (sharded
-            parameters have no full weight for the Kronecker factors) and for a DDP
-            wrapper nested inside another module (pass the wrapper itself).
+            per-GPU replicas are rebuilt at every forward), for the old
+            ``FullyShardedDataParallel`` wrapper (its flat parameters have no per-layer
+            weight; use ``fully_shard``) and for a DDP wrapper nested inside another
+            module (pass the wrapper itself).
     """
     if isinstance(model, nn.DataParallel):
         raise TypeError(
@@ -187,17 +188,15 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
             "torchrun and wrap the model in torch.nn.parallel.DistributedDataParallel "
             "(see docs/distributed.md)."
         )
-    if dist.is_available() and dist.is_initialized():
-        fsdp = _fsdp_types()
-        if any(isinstance(m, fsdp) for m in model.modules()) or any(
-            type(p).__name__ == "DTensor" for p in model.parameters()
-        ):
-            raise TypeError(
-                "FSDP (FullyShardedDataParallel / fully_shard) is not supported: each rank "
-                "holds only a shard of every weight, but the Kronecker factors need the full "
-                "weight and its gradient. Use DistributedDataParallel, with "
-                "distributed='sharded' to shard the optimizer's factors instead."
-            )
+    fsdp1 = _fsdp1_type()
+    if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
+        raise TypeError(
+            "The FullyShardedDataParallel wrapper (FSDP1) is not supported: it flattens the "
+            "parameters of each wrapped module into one FlatParameter, so a layer has no weight "
+            "of its own. Shard the model with FSDP2 instead, "
+            "torch.distributed.fsdp.fully_shard (per layer and at the root), which SINGD and "
+            "KFAC support (docs/distributed.md), or use DistributedDataParallel."
+        )
     ddp = nn.parallel.DistributedDataParallel
     if isinstance(model, ddp):
         return model.module, model
@@ -209,29 +208,54 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     return model, None
 
 
-def resolve_distributor(spec: Any, wrapper: nn.Module | None) -> Distributor:
+def resolve_distributor(
+    spec: Any, wrapper: nn.Module | None, model: nn.Module | None = None
+) -> Distributor:
     """Turn the optimizers' ``distributed`` argument into a :class:`Distributor`.
 
-    * ``"auto"`` (default): :class:`~singd.distributed.Replicated` if the model is
-      DDP-wrapped or ``torch.distributed`` is initialised with more than one rank,
+    * ``"auto"`` (default): :class:`~singd.distributed.FSDP2` if ``model`` is
+      ``fully_shard``-ed; :class:`~singd.distributed.Replicated` if the model is
+      DDP-wrapped or ``torch.distributed`` is initialised with more than one rank;
       else :class:`Local`;
-    * ``"replicated"`` / ``"sharded"``: those strategies (``torch.distributed`` must be
-      initialised);
+    * ``"replicated"`` / ``"sharded"`` / ``"fsdp2"``: those strategies
+      (``torch.distributed`` must be initialised; ``"fsdp2"`` exactly for
+      ``fully_shard`` models);
     * ``None``: :class:`Local`, no communication even if initialised;
     * a :class:`Distributor` instance, e.g. ``Sharded(process_group=pg)``.
 
     Raises:
-        ValueError: For other values, for ``"replicated"``/``"sharded"`` without an
-            initialised process group, and for ``None`` with a DDP-wrapped model on
-            several ranks (the ranks' factors would drift apart).
+        TypeError: For DTensor parameters without ``fully_shard`` (tensor parallelism).
+        ValueError: For other values, for a strategy without an initialised process
+            group, for a ``fully_shard`` model with another strategy (and ``"fsdp2"``
+            without one), and for ``None`` with a DDP-wrapped model on several ranks (the
+            ranks' Kronecker factors would drift apart).
     """
+    from singd.distributed.fsdp2 import FSDP2, is_dtensor, is_fully_sharded
     from singd.distributed.replicated import Replicated
     from singd.distributed.sharded import Sharded
 
+    sharded_model = model is not None and is_fully_sharded(model)
+    if model is not None and not sharded_model and any(map(is_dtensor, model.parameters())):
+        raise TypeError(
+            "The model has DTensor parameters but no fully_shard module: tensor-parallel "
+            "layouts are not supported. Shard the model with "
+            "torch.distributed.fsdp.fully_shard (FSDP2, or HSDP on a 2-D mesh), or train it "
+            "replicated with DistributedDataParallel or distributed='sharded'."
+        )
     if isinstance(spec, Distributor):
+        if sharded_model and not isinstance(spec, FSDP2):
+            raise ValueError(
+                f"The model is sharded with fully_shard; {type(spec).__name__} cannot train it. "
+                "Use distributed='auto' or 'fsdp2' (singd.distributed.FSDP2)."
+            )
         return spec
     initialised = dist.is_available() and dist.is_initialized()
     several = initialised and dist.get_world_size() > 1
+    if sharded_model and spec not in ("auto", "fsdp2"):
+        raise ValueError(
+            f"The model is sharded with fully_shard (FSDP2); distributed={spec!r} cannot train "
+            "it (its parameters are DTensor shards). Use distributed='auto' or 'fsdp2'."
+        )
     if spec is None:
         if wrapper is not None and several:
             raise ValueError(
@@ -241,17 +265,25 @@ def resolve_distributor(spec: Any, wrapper: nn.Module | None) -> Distributor:
             )
         return Local()
     if spec == "auto":
+        if sharded_model:
+            return FSDP2()
         return Replicated() if wrapper is not None or several else Local()
-    if spec in ("replicated", "sharded"):
+    if spec in ("replicated", "sharded", "fsdp2"):
         if not initialised:
             raise ValueError(
                 f"distributed={spec!r} needs torch.distributed: call "
                 "torch.distributed.init_process_group() before creating the optimizer."
             )
-        return Replicated() if spec == "replicated" else Sharded()
+        if spec == "fsdp2" and not sharded_model:
+            raise ValueError(
+                "distributed='fsdp2' is for models sharded with "
+                "torch.distributed.fsdp.fully_shard; this model has no fully_shard module. "
+                "Use 'replicated' or 'sharded' for a replicated model."
+            )
+        return {"replicated": Replicated, "sharded": Sharded, "fsdp2": FSDP2}[spec]()
     raise ValueError(
-        f"Invalid distributed {spec!r}. Valid: 'auto', 'replicated', 'sharded', None, or a "
-        "singd.distributed.Distributor instance."
+        f"Invalid distributed {spec!r}. Valid: 'auto', 'replicated', 'sharded', 'fsdp2', None, "
+        "or a singd.distributed.Distributor instance."
     )
 
 

@@ -240,3 +240,26 @@ def broadcast_coalesced(
         flat = _flatten(members)
         dist.broadcast(flat, src=src, group=group)
         _unflatten_into(flat, members, [False] * len(members), 1)
+
+
+def exchange(
+    send: Sequence[Sequence[Tensor]],
+    receive_numels: Sequence[int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+) -> list[Tensor]:
+    """Personalised exchange: rank *r* sends ``send[r]`` (flattened, concatenated) to rank
+    *r* and receives ``receive_numels[s]`` elements from every rank *s*.
+
+    One ``all_to_all_single`` with uneven splits (gloo and nccl both offer it); every
+    tensor must have ``dtype`` and ``device``. Returns the flat buffer received from each
+    rank (views of one buffer).
+    """
+    send_numels = [sum(t.numel() for t in part) for part in send]
+    pieces = [t.reshape(-1) for part in send for t in part]
+    flat = torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device)
+    out = torch.empty(sum(receive_numels), dtype=dtype, device=device)
+    dist.all_to_all_single(out, flat, list(receive_numels), send_numels, group=group)
+    return list(out.split(list(receive_numels)))

@@ -80,6 +80,9 @@ class Sharded(Replicated):
     """
 
     replicates_factors = False
+    #: ``state_dict()`` gathers every layer's factors (False: this rank's layers only, as
+    #: :func:`singd.distributed.checkpoint.optimizer_state_dict` saves them).
+    gather_states = True
 
     def _set_group(self, group: dist.ProcessGroup | None) -> None:
         # (called by the constructor too) ownership is per group: a new one starts afresh
@@ -179,8 +182,11 @@ class Sharded(Replicated):
         """Every layer's checkpoint tensors, from their owners (a collective).
 
         Tensors travel as CPU tensors (``all_gather_object``) and are moved to the
-        layer's device, so the result looks like the replicated mode's.
+        layer's device, so the result looks like the replicated mode's. With
+        ``gather_states`` False: this rank's layers only (no communication).
         """
+        if not self.gather_states:
+            return {name: state for name, state in states.items() if self.owns(name)}
         mine = {
             name: {k: v.detach().cpu() for k, v in state.items()}
             for name, state in states.items()

@@ -115,7 +115,8 @@ class ConvAdapter(LayerAdapter):
         return module.weight, module.bias
 
     def factor_dims(self, module: nn.modules.conv._ConvNd) -> tuple[int, int]:
-        d_in = module.weight[0].numel() + int(module.bias is not None)
+        # from the shape, not ``weight[0]``: indexing a sharded (DTensor) weight communicates
+        d_in = math.prod(module.weight.shape[1:]) + int(module.bias is not None)
         return d_in, module.out_channels
 
     def _unbatched(self, module: nn.modules.conv._ConvNd, t: Tensor) -> Tensor:

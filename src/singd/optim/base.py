@@ -92,7 +92,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
         # Hooks go on the layers inside a DDP wrapper; its gradients arrive averaged.
         model, wrapper = unwrap_model(model)
-        self._distributor = resolve_distributor(distributed, wrapper)
+        self._distributor = resolve_distributor(distributed, wrapper, model)
         defaults = {**FALLBACK_DEFAULTS, "kl_clip": None, **defaults}
         check_bool("warn_unsupported", warn_unsupported)
         BOUNDS["init_grad_scale"].check(init_grad_scale)
@@ -122,6 +122,22 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         self.steps = 0
         super().__init__(params, defaults)
         self._distributor.attach(self, wrapper)  # type: ignore[arg-type]
+
+    # --- what the distribution strategies and checkpoint helpers read ------------------
+    @property
+    def distributor(self) -> Distributor:
+        """The data-parallel strategy (:mod:`singd.distributed`) this optimizer runs with."""
+        return self._distributor
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the layers with Kronecker factors, in registration order."""
+        return list(self._preconditioners)
+
+    @property
+    def state_key(self) -> str:
+        """The key of the optimizer-specific section of :meth:`state_dict`."""
+        return self._STATE_KEY
 
     # --- capture -----------------------------------------------------------------------
     def _is_due(self, layer_name: str) -> bool:
@@ -251,8 +267,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
                 grads[name] = G / grad_divisor if grad_divisor != 1.0 else G
         owned = {
             name: self._preconditioners[name].precondition(G)
-            for name, G in grads.items()
-            if self._distributor.owns(name)
+            for name, G in self._distributor.owned_gradients(self, grads).items()  # type: ignore[arg-type]
         }
         updates = self._distributor.share_updates(self, owned)  # type: ignore[arg-type]
         return {name: (G, updates[name]) for name, G in grads.items()}
