@@ -16,9 +16,14 @@ trains on random data, the model wrapped in ``DistributedDataParallel``:
   global batch 32 (2048 rows per rank and layer under KFAC-expand, more than the
   factor dimension 513), per-token loss, with INGD and KFAC.
 
+* ``transformer``: a small transformer (embedding 256 → 4 pre-norm blocks of width 128
+  with attention and a GELU MLP → head), global batch 16 × 32 tokens, with INGD, KFAC and
+  SINGD-diagonal; run it on 1, 2 and 4 ranks with ``--ranks 1 2 4``.
+
 Strategies: ``replicated``; ``replicated, per tensor`` (one blocking all-reduce per
 statistic tensor, as the published code: ``Replicated(bucket_mb=0, overlap=False)``);
-``sharded``.
+``sharded``; for the transformer also ``fsdp2``: the model wrapped with ``fully_shard``
+per block and at the root instead of DDP (:class:`singd.distributed.FSDP2`).
 
 Method. Every rank uses ``cores // ranks`` threads. For each scenario, optimizer and
 T, the strategies take turns step by step — 3 warm-up rounds, then ``--steps`` timed
@@ -29,7 +34,8 @@ rounds. ``T = 1`` (a factor refresh every step: the worst case) and ``T = 10``.
 Memory per rank, measured on every rank (max over ranks): *factors* = the optimizer's
 preconditioner state (K, C, m_K, m_C; KFAC's S and P); *statistics* = the curvature
 statistics held from backward to ``step()`` (transient; dense U, G in the sharded
-mode); *other* = momentum buffers and fallback state (replicated in every mode).
+mode); *other* = momentum buffers and fallback state (replicated, except under ``fsdp2``, where
+they are DTensor shards: their local bytes count).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from singd import KFAC, SINGD
-from singd.distributed import Local, Replicated, Sharded
+from singd.distributed import FSDP2, Local, Replicated, Sharded
 
 OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "INGD (dense)": (SINGD, {"structures": ("dense", "dense")}),
@@ -69,7 +75,36 @@ STRATEGIES: dict[str, Callable[[], Any]] = {
     "replicated": lambda: Replicated(),
     "replicated, per tensor": lambda: Replicated(bucket_mb=0, overlap=False),
     "sharded": lambda: Sharded(),
+    "fsdp2": lambda: FSDP2(),
 }
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, num_heads=4, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        a = self.norm1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        return h + self.mlp(self.norm2(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, vocab: int = 256, depth: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.Sequential(*(Block(width) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(self.embed(tokens))))
 
 
 def mlp(width: int, depth: int = 3) -> nn.Sequential:
@@ -86,12 +121,21 @@ class Scenario:
     global_batch: int
     sequence: int | None  # None: vectors
     optimizers: tuple[str, ...]
+    strategies: tuple[str, ...] = ("replicated", "replicated, per tensor", "sharded")
+    model: str = "mlp"
 
     def loss_average(self) -> str:
         return "batch" if self.sequence is None else "batch+sequence"
 
+    def build(self) -> nn.Module:
+        return Transformer(self.width) if self.model == "transformer" else mlp(self.width)
+
     def data(self, batch: int, rank: int, device: torch.device) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(rank)
+        if self.model == "transformer":
+            assert self.sequence is not None
+            tokens = torch.randint(0, 256, (batch, self.sequence + 1), generator=gen)
+            return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
         shape = (batch,) if self.sequence is None else (batch, self.sequence)
         X = torch.randn(*shape, self.width, generator=gen)
         return X.to(device), torch.randint(0, 10, shape, generator=gen).to(device)
@@ -108,11 +152,22 @@ SCENARIOS = {
         128,
         ("INGD (dense)", "KFAC (dense)"),
     ),
+    "transformer": Scenario(
+        "transformer (embedding 256, 4 blocks of width 128), global batch 16 × 32 tokens",
+        128,
+        16,
+        32,
+        ("INGD (dense)", "KFAC (dense)", "SINGD-diagonal"),
+        ("replicated", "sharded", "fsdp2"),
+        "transformer",
+    ),
 }
 
 
 def tensor_bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+    """Bytes held by this rank (a DTensor's local shard only)."""
+    local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors)
+    return sum(t.numel() * t.element_size() for t in local if isinstance(t, Tensor))
 
 
 def factor_bytes(optim: Any) -> int:
@@ -154,8 +209,17 @@ def make_setup(
 ) -> Setup:
     cls, kwargs = OPTIMIZERS[name]
     torch.manual_seed(0)
-    net = mlp(scenario.width).to(device)
-    model = nn.parallel.DistributedDataParallel(net) if distributed is not None else net
+    net = scenario.build().to(device)
+    if isinstance(distributed, FSDP2):
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(net, "blocks", []):
+            fully_shard(block)
+        model = fully_shard(net)
+    elif distributed is not None:
+        model = nn.parallel.DistributedDataParallel(net)
+    else:
+        model = net
     optim = cls(
         model,
         lr=1e-3,
@@ -178,11 +242,8 @@ def run_config(
         dist.barrier()
 
     local = scenario.global_batch // world
-    setups = {
-        s: make_setup(scenario, name, T, make(), local, rank, device)
-        for s, make in STRATEGIES.items()
-    }
-    order = list(STRATEGIES)
+    order = list(scenario.strategies)
+    setups = {s: make_setup(scenario, name, T, STRATEGIES[s](), local, rank, device) for s in order}
     for round_ in range(3 + steps):
         for strategy in order:
             sync()
@@ -246,7 +307,7 @@ def mib(nbytes: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2], help="e.g. 1 2 4")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--quick", action="store_true", help="4 steps, T = 1 only")
@@ -261,17 +322,20 @@ def main() -> None:
         for name in SCENARIOS[key].optimizers
     ]
     load_before = os.getloadavg()[:1]  # other processes on the machine skew the times
-    with tempfile.TemporaryDirectory() as out:
-        init = f"tcp://127.0.0.1:{free_port()}"
-        mp.spawn(worker, args=(args.ranks, init, out, steps, configs), nprocs=args.ranks)
-        rows = torch.load(Path(out) / "rows.pt")
+    rows = []
+    for ranks in args.ranks:
+        with tempfile.TemporaryDirectory() as out:
+            init = f"tcp://127.0.0.1:{free_port()}"
+            mp.spawn(worker, args=(ranks, init, out, steps, configs), nprocs=ranks)
+            rows += [(ranks, *row) for row in torch.load(Path(out) / "rows.pt")]
 
     device = "CUDA" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     machine = platform.processor() or platform.machine()
     load = " / ".join(f"{x:.1f}" for x in (*load_before, *os.getloadavg()[:1]))
     lines = [
-        f"{args.ranks} ranks on {device} ({machine}), torch {torch.__version__}, DDP "
-        f"wrapper, median of {steps} interleaved steps; memory per rank in MiB; "
+        f"{'/'.join(map(str, args.ranks))} ranks on {device} ({machine}), torch "
+        f"{torch.__version__}, DDP wrapper (fsdp2: fully_shard), median of {steps} "
+        "interleaved steps; memory per rank in MiB (max over ranks); "
         f"load average (1 min) before / after: {load}.",
     ]
     for key in args.scenarios:
@@ -279,14 +343,14 @@ def main() -> None:
             "",
             f"**{SCENARIOS[key].title}**",
             "",
-            "| optimizer | strategy | T | step (ms) | factors | statistics | other |",
-            "|---|---|---|---|---|---|---|",
+            "| ranks | optimizer | strategy | T | step (ms) | factors | statistics | other |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for scenario, name, strategy, T, r in rows:
+        for ranks, scenario, name, strategy, T, r in rows:
             if scenario == key:
                 lines.append(
-                    f"| {name} | {strategy} | {T} | {r['ms']:.0f} | {mib(r['factors'])} | "
-                    f"{mib(r['statistics'])} | {mib(r['other'])} |"
+                    f"| {ranks} | {name} | {strategy} | {T} | {r['ms']:.0f} | "
+                    f"{mib(r['factors'])} | {mib(r['statistics'])} | {mib(r['other'])} |"
                 )
     report = "\n".join(lines)
     print(report)

@@ -21,6 +21,8 @@ import dataclasses
 import functools
 import os
 import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -511,3 +513,20 @@ def test_dcp_checkpoint_of_two_ranks_loads_on_four(
     for name, value in saved["continued"].items():
         actual = results4[0]["checkpoint"]["resumed"][name]
         torch.testing.assert_close(actual, value, rtol=rtol, atol=atol, msg=name)
+
+
+def test_torchrun_example(tmp_path: Path) -> None:
+    """examples/fsdp2_train.py under torchrun: fully_shard blocks, DCP save and reload."""
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        *(str(root / "examples" / "fsdp2_train.py"), "--steps", "4"),
+        *("--checkpoint", str(tmp_path / "ckpt")),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "checkpoint saved and loaded at step 2" in done.stdout
+    assert "final loss" in done.stdout and "after 4 steps on 2 ranks" in done.stdout
+    owned = [int(line.split()[6]) for line in done.stdout.splitlines() if "owns the" in line]
+    assert len(owned) == 2 and sum(owned) == 6  # 6 layers with factors, each on one rank
