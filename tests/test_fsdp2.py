@@ -213,8 +213,8 @@ def full_params(net: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def factor_names(optim: Any) -> list[str]:
-    store = optim._factors if isinstance(optim, SINGD) else optim._kfac_state
-    return sorted(store)
+    """The layers whose factors this rank holds."""
+    return sorted(name for name, pre in optim.preconditioners.items() if pre.state is not None)
 
 
 # --- the ranks' side ----------------------------------------------------------------------

@@ -226,7 +226,7 @@ class FSDP2(Sharded):
         )()
         for layer in layers:
             if not self.owns(layer.name):
-                optimizer._drop_statistics(layer)
+                optimizer.preconditioners[layer.name].drop_statistics()
 
     def owned_gradients(
         self, optimizer: KroneckerOptimizer, grads: dict[str, Tensor]
