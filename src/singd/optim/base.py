@@ -239,7 +239,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
                     if p.requires_grad and (p is layer.weight or p.grad is not None):
                         params.append(p)
                         directions.append(d)
-            if kl_terms:
+            if kl_terms and config.kl_clip is not None:
                 nu = kl_clip_factor(kl_terms, lr=group["lr"], kl_clip=config.kl_clip)
                 directions = [d * nu.to(d.dtype) for d in directions]
             apply_parameter_step(

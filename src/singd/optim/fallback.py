@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from singd.config import Fallback
 from singd.functional import apply_parameter_step
@@ -113,7 +113,7 @@ def find_fallback(name: str) -> FallbackRule:
 def fallback_step(
     param_groups: list[dict[str, Any]],
     configs: list[GroupConfig],
-    fallback_group: Mapping[Tensor, int],
+    fallback_group: Mapping[nn.Parameter, int],
     state: Mapping[Tensor, dict[str, Tensor]],
     grad_divisor: float,
 ) -> None:

@@ -87,11 +87,11 @@ def discover_layers(
                 excluded[layer.name] = reason
     for p, layers in owners.items():
         layer = layers[0]
-        reason = excluded.get(layer.name) or unsupported_reason(layer)
-        if reason is None:
+        why = excluded.get(layer.name) or unsupported_reason(layer)
+        if why is None:
             layer_of_param[p] = layer
         else:
-            reasons[p] = reason
+            reasons[p] = why
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if p not in owners:
@@ -197,7 +197,9 @@ class LayerRegistry:
             state_bytes: Bytes of the ``optimizer.state`` of some parameters.
             param_groups: The optimizer's param groups (for the fallback rules).
         """
-        rows = [("layer", "type", "parameters", "preconditioner", "state bytes")]
+        rows: list[tuple[str, str, str, str, int | str]] = [
+            ("layer", "type", "parameters", "preconditioner", "state bytes")
+        ]
         total = 0
         for name, layer in self.layers.items():
             factors, nbytes = describe_layer(name)
@@ -212,7 +214,7 @@ class LayerRegistry:
             nbytes = state_bytes([p])
             total += nbytes
             reason = self.fallback_reasons.get(p, "")
-            rows.append((self.param_names.get(p, "?"), "fallback", rule, reason, nbytes))
+            rows.append((self.param_names.get(p, "?"), "fallback", str(rule), reason, nbytes))
         untrained = [
             name
             for p, name in self.param_names.items()

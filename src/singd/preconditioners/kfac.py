@@ -49,8 +49,11 @@ class KFACPreconditioner(LayerPreconditioner):
         """S_K, S_C (statistics, start at I) and P_K, P_C (damped inverses)."""
         if self.state is None:
             plan, config = self.plan, self.config
-            kw = {"dtype": self.dtype_K, "device": self.layer.weight.device}
-            state = {"S_K": torch.eye(plan.d_K, **kw), "S_C": torch.eye(plan.d_C, **kw)}
+            dtype, device = self.dtype_K, self.layer.weight.device
+            state = {
+                "S_K": torch.eye(plan.d_K, dtype=dtype, device=device),
+                "S_C": torch.eye(plan.d_C, dtype=dtype, device=device),
+            }
             state["P_K"] = damped_inverse(state["S_K"], config.damping, config.inverse_dtype)
             state["P_C"] = damped_inverse(state["S_C"], config.damping, config.inverse_dtype)
             self.state = state

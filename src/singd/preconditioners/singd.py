@@ -95,15 +95,19 @@ class SINGDPreconditioner(LayerPreconditioner):
         """K, C (and m_K, m_C if α₁ ≠ 0), allocated as K = I, C = I on first use."""
         if self.state is None:
             plan, device = self.plan, self.layer.weight.device
-            kw_K = {"dtype": self.dtype_K, "device": device}
-            kw_C = {"dtype": self.dtype_C, "device": device}
+            S_K, S_C, dtype_K, dtype_C = (
+                plan.structure_K,
+                plan.structure_C,
+                self.dtype_K,
+                self.dtype_C,
+            )
             state = FactorState(
-                K=plan.structure_K.eye(plan.d_K, **kw_K),
-                C=plan.structure_C.eye(plan.d_C, **kw_C),
+                K=S_K.eye(plan.d_K, dtype=dtype_K, device=device),
+                C=S_C.eye(plan.d_C, dtype=dtype_C, device=device),
             )
             if self.config.alpha1 != 0:
-                state.m_K = plan.structure_K.zeros(plan.d_K, **kw_K)
-                state.m_C = plan.structure_C.zeros(plan.d_C, **kw_C)
+                state.m_K = S_K.zeros(plan.d_K, dtype=dtype_K, device=device)
+                state.m_C = S_C.zeros(plan.d_C, dtype=dtype_C, device=device)
             self.state = state
         return self.state
 
