@@ -9,46 +9,14 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
+from tests.helpers import NET_HYPER, assert_params_close, data, net, params_of
 from tests.tolerances import TRAJECTORY_FLOAT32, tolerance
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a GPU"))]
 
 
-def net(device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(3 * 6 * 6, 16),
-        nn.LayerNorm(16),
-        nn.ReLU(),
-        nn.Linear(16, 5),
-    ).to(device=device, dtype=dtype)
-
-
-def data(n: int, device: str = "cpu", seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(12, 1, 6, 6, generator=gen).to(device),
-            torch.randint(0, 5, (12,), generator=gen).to(device),
-        )
-        for _ in range(n)
-    ]
-
-
-def params_of(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_params_close(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> None:
-    for p, q in zip(a, b, strict=True):
-        torch.testing.assert_close(p.double(), q.double(), **tolerance(dtype))
-
-
-HYPER = {"lr": 1e-2, "T": 2, "lr_cov": 5e-2, "damping": 1e-2}
+HYPER = NET_HYPER
 
 
 # --- dtypes -------------------------------------------------------------------------------
@@ -130,25 +98,6 @@ def run_plain(
             nn.utils.clip_grad_norm_(model.parameters(), clip)
         optim.step()
     return params_of(model)
-
-
-def test_grad_scaler_matches_unscaled_run() -> None:
-    """Power-of-two scales that change every other step cancel exactly."""
-    batches = data(8)
-    model = net()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-    optim = SINGD(model, grad_scaler=scaler, **HYPER)
-    scales = []
-    for X, y in batches:
-        optim.zero_grad()
-        scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
-        scales.append(scaler.get_scale())
-        scaler.step(optim)
-        scaler.update()
-    assert len(set(scales)) > 2  # the scale really changed
-    rtol, atol = TRAJECTORY_FLOAT32
-    for p, q in zip(params_of(model), run_plain(batches), strict=True):
-        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
 
 
 def test_injected_cyclic_scales_match_unscaled_run() -> None:

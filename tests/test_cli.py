@@ -7,7 +7,6 @@ batches, one epoch, one timed round); one test runs the installed console script
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import pickle
@@ -17,9 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,27 +24,20 @@ from singd.cli import main
 from singd.cli.measure import optimizer_state_bytes, parameter_bytes, unique_storage_bytes
 from singd.cli.optimizers import OptimizerSpec, every_structure, usable_structures
 from singd.cli.report import Column, markdown_table, to_json
+from tests.helpers import FAST, run_cli, write_fake_cifar10
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 #: Fast settings shared by the training commands: 6 steps per digits epoch, no bar.
 #: The CLI's default device is "auto" (CUDA when present); these tests pin the CPU, whose
 #: output they describe (on a GPU, memory is the allocator's peak and runs use bf16).
-FAST = ["--batch-size", "256", "--threads", "1", "--no-progress", "--device", "cpu"]
-
-
 @pytest.fixture(autouse=True)
 def _restore_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``singd argv`` in-process; return (exit status, stdout, stderr)."""
-    status = main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def assert_png_by_matplotlib(path: Path) -> None:
@@ -221,21 +211,8 @@ def test_resume_rejects_foreign_files(capsys: pytest.CaptureFixture[str], tmp_pa
     assert "is not a checkpoint of `singd train`" in err
 
 
-def _write_fake_cifar10(root: Path, per_file: int = 8) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
-            b"labels": rng.integers(0, 10, per_file).tolist(),
-        }
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    return folder
-
-
 def test_train_on_local_cifar10(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    _write_fake_cifar10(tmp_path)
+    write_fake_cifar10(tmp_path)
     status, out, _ = run_cli(
         capsys,
         "train",
@@ -256,7 +233,7 @@ def test_train_on_local_cifar10(capsys: pytest.CaptureFixture[str], tmp_path: Pa
 
 
 def test_cifar_files_cannot_run_code(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    folder = _write_fake_cifar10(tmp_path)
+    folder = write_fake_cifar10(tmp_path)
 
     class Exploit:
         def __reduce__(self) -> tuple[object, tuple[str]]:
@@ -387,19 +364,11 @@ def test_console_script_is_installed() -> None:
     assert result.stdout.startswith("singd ")
 
 
-def _load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("step_time", REPO / "benchmarks/step_time.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_quick_mode_writes_markdown(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    bench = _load_benchmark()
+    from benchmarks import step_time as bench
+
     out = tmp_path / "bench.md"
     argv = ["--quick", "--repeats", "1", "--scenarios", "mlp", "--optimizers", "sgd", "singd"]
     argv += ["--structures", "diagonal", "--T", "1", "10", "--no-progress", "--out", str(out)]

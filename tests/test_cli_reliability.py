@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from singd.cli.train import _save_checkpoint
-from tests.test_cli import FAST, run_cli
+from tests.helpers import FAST, run_cli
 
 #: A place nobody can write to, also as root (the tests may run as root).
 UNWRITABLE = Path("/proc/singd-no-such-dir")
@@ -122,9 +122,9 @@ def test_hyperparameter_options_use_the_library_bounds(
 def test_cifar_labels_out_of_range_are_named(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from tests.test_cli import _write_fake_cifar10
+    from tests.helpers import write_fake_cifar10
 
-    folder = _write_fake_cifar10(tmp_path)
+    folder = write_fake_cifar10(tmp_path)
     rng = np.random.default_rng(0)
     batch = {b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), b"labels": [0] * 7 + [10]}
     (folder / "data_batch_3").write_bytes(pickle.dumps(batch, protocol=2))

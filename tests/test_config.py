@@ -11,7 +11,7 @@ from torch import nn
 
 from singd import KFAC, SINGD
 from singd.config import Fallback, KFACApprox, KFACConfig, LayerPlan, LossAverage, SINGDConfig
-from singd.optim.fallback import available_fallbacks, register_fallback, unregister_fallback
+from singd.optim.fallback import available_fallbacks, register_fallback, scoped_registration
 from singd.preconditioners import KFACPreconditioner, SINGDPreconditioner
 from singd.structures import Diagonal
 
@@ -125,8 +125,8 @@ def sign_sgd(params, grads, states, config, lr) -> None:
 
 
 def test_a_registered_fallback_rule_trains_the_parameters_without_factors() -> None:
-    register_fallback("signsgd", sign_sgd)
-    try:
+    with scoped_registration():
+        register_fallback("signsgd", sign_sgd)
         assert "signsgd" in available_fallbacks()
         model = mlp()
         optim = SINGD(model, fallback="signsgd", lr=0.1)
@@ -135,8 +135,19 @@ def test_a_registered_fallback_rule_trains_the_parameters_without_factors() -> N
         run(model, optim, steps=1)
         assert norm.grad is not None
         torch.testing.assert_close(norm.detach(), before - 0.1 * norm.grad.sign())
-    finally:
-        unregister_fallback("signsgd")
     assert "signsgd" not in available_fallbacks()
     with pytest.raises(ValueError, match=r"Invalid fallback 'signsgd'\. Valid: \('adamw', 'sgd'"):
         SINGD(mlp(), fallback="signsgd")
+    with pytest.raises(TypeError, match="callable"):
+        register_fallback("broken", None)  # type: ignore[arg-type]
+
+
+def test_scoped_registration_restores_a_replaced_adapter() -> None:
+    from singd.layers import find_adapter, register_adapter
+    from singd.layers import scoped_registration as scoped_adapters
+
+    original = find_adapter(nn.Linear(2, 2))
+    with scoped_adapters():
+        register_adapter(nn.Linear, type(original)())
+        assert find_adapter(nn.Linear(2, 2)) is not original
+    assert find_adapter(nn.Linear(2, 2)) is original

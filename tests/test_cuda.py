@@ -16,6 +16,8 @@ from torch import nn
 from singd import KFAC, SINGD
 from singd.structures import Structure, StructuredMatrix
 from singd.structures.toeplitz import DIRECT_MAX_DIM, TriangularToeplitz
+from tests.helpers import NET_HYPER as HYPER
+from tests.helpers import data, net, params_of
 from tests.structures.cases import (
     SPECS,
     assert_close_scaled,
@@ -26,7 +28,6 @@ from tests.structures.cases import (
     routes,
 )
 from tests.structures.dense_reference import project
-from tests.test_amp import HYPER, data, net, params_of
 from tests.tolerances import TOEPLITZ_FFT_FLOAT32, tolerance
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

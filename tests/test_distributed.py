@@ -35,7 +35,7 @@ import singd.distributed.collectives as collectives
 import singd.distributed.replicated as replicated
 from singd import KFAC, SINGD
 from singd.distributed import Local, Replicated, Sharded
-from tests.test_layers import TransformerBlock
+from tests.helpers import TransformerBlock
 from tests.tolerances import TRAJECTORY_FLOAT32
 
 WORLD = 2

@@ -10,28 +10,8 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
+from tests.helpers import TransformerBlock
 from tests.tolerances import TRAJECTORY_FLOAT32, tolerance
-
-
-class TransformerBlock(nn.Module):
-    """Embedding → attention → MLP → tied output projection (a tiny language model)."""
-
-    def __init__(self, vocab: int = 30, dim: int = 16) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, num_heads=2, batch_first=True)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
-        self.head = nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.embed.weight  # tied input and output embeddings
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed(tokens)
-        a = self.norm1(h)
-        h = h + self.attn(a, a, a, need_weights=False)[0]
-        h = h + self.mlp(self.norm2(h))
-        return self.head(h)
 
 
 def token_loss(model: nn.Module, gen: torch.Generator) -> torch.Tensor:

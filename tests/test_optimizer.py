@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 
@@ -11,55 +10,7 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
-from tests.tolerances import TRAJECTORY_FLOAT32
-
-
-def cnn(inplace: bool = False) -> nn.Sequential:
-    """The small net of the published test suite, on 12×12 inputs."""
-    return nn.Sequential(
-        nn.Conv2d(1, 3, 5, stride=2, padding=1),
-        nn.ReLU(inplace=inplace),
-        nn.Flatten(),
-        nn.Linear(3 * 5 * 5, 20),
-        nn.ReLU(inplace=inplace),
-        nn.Linear(20, 10),
-    )
-
-
-def batches(n: int, batch_size: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(batch_size, 1, 12, 12, generator=gen),
-            torch.randint(0, 10, (batch_size,), generator=gen),
-        )
-        for _ in range(n)
-    ]
-
-
-def train(model: nn.Module, optim: torch.optim.Optimizer, data, *, loss_scale: float = 1.0) -> None:
-    for X, y in data:
-        optim.zero_grad()
-        (nn.functional.cross_entropy(model(X), y) * loss_scale).backward()
-        optim.step()
-
-
-def assert_same_params(a: nn.Module, b: nn.Module, *, exact: bool = False) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        if exact:
-            assert torch.equal(p, q), name
-        else:
-            rtol, atol = TRAJECTORY_FLOAT32
-            torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=name)
-
-
-def twin_cnns() -> tuple[nn.Sequential, nn.Sequential]:
-    """Two copies of the test CNN with identical weights."""
-    torch.manual_seed(0)
-    a, b = cnn(), cnn()
-    b.load_state_dict(a.state_dict())
-    return a, b
-
+from tests.helpers import assert_same_params, batches, cnn, train, twin_cnns
 
 HYPER = {"lr": 5e-3, "damping": 1e-3, "weight_decay": 1e-2, "lr_cov": 1e-2, "T": 1}
 
@@ -83,76 +34,6 @@ def test_import_paths() -> None:
     from singd.optim import optimizer
 
     assert singd.SINGD is optimizer.SINGD
-
-
-def test_gradient_accumulation_equals_big_batch() -> None:
-    """INGD is invariant to U ← nU, G ← G/n, so 8 micro-batches of 6 equal one batch of 48."""
-    data = batches(6, 48)
-    big, small = twin_cnns()
-    opt_big = SINGD(big, **HYPER)
-    opt_small = SINGD(small, **HYPER)
-    train(big, opt_big, data)
-    for X, y in data:
-        opt_small.zero_grad()
-        for Xm, ym in zip(X.split(6), y.split(6), strict=True):
-            (nn.functional.cross_entropy(small(Xm), ym) * 6 / 48).backward()
-        opt_small.step()
-    assert_same_params(big, small)
-
-
-def test_param_groups_equal_separate_optimizers() -> None:
-    data = batches(12)
-    one, two = twin_cnns()
-    conv_kw = {"structures": ("diagonal", "diagonal"), "T": 1, "alpha1": 0.2, "lr": 3e-3}
-    linear_kw = {"structures": ("dense", "dense"), "T": 3, "alpha1": 0.5, "lr": 1e-2}
-    grouped = SINGD(
-        one,
-        params=[
-            {"params": list(one[0].parameters()), **conv_kw},
-            {"params": [*one[3].parameters(), *one[5].parameters()], **linear_kw},
-        ],
-        damping=1e-3,
-    )
-    separate = [
-        SINGD(two, params=list(two[0].parameters()), damping=1e-3, **conv_kw),
-        SINGD(two, params=[*two[3].parameters(), *two[5].parameters()], damping=1e-3, **linear_kw),
-    ]
-    for X, y in data:
-        grouped.zero_grad()
-        for opt in separate:
-            opt.zero_grad()
-        nn.functional.cross_entropy(one(X), y).backward()
-        nn.functional.cross_entropy(two(X), y).backward()
-        grouped.step()
-        for opt in separate:
-            opt.step()
-    assert_same_params(one, two, exact=True)
-    assert str(grouped.param_groups[0]["structures"][0]) == "diagonal"
-
-
-@pytest.mark.parametrize("optim_cls", [SINGD, KFAC])
-def test_checkpoint_weights_only_and_bit_identical_resume(optim_cls: type) -> None:
-    data = batches(10)
-    kwargs = {"lr": 5e-3, "T": 3, "lr_cov": lambda step: 1e-2 * (1 + step % 2)}
-    torch.manual_seed(0)
-    model = cnn()
-    optim = optim_cls(model, **kwargs)
-    train(model, optim, data[:5])
-
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, buffer)
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
-
-    resumed = cnn()
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_optim = optim_cls(resumed, **kwargs)
-    resumed_optim.load_state_dict(checkpoint["optim"])
-
-    train(model, optim, data[5:])
-    train(resumed, resumed_optim, data[5:])
-    assert_same_params(model, resumed, exact=True)
-    assert resumed_optim.steps == optim.steps == 10
 
 
 def test_checkpoint_is_keyed_by_module_names() -> None:
@@ -207,38 +88,6 @@ def test_no_grad_forward_is_ignored() -> None:
         nn.functional.cross_entropy(b(X), y).backward()
         optim.step()
     assert_same_params(a, b, exact=True)
-
-
-def test_closure_matches_explicit_loop() -> None:
-    data = batches(4)
-    a, b = twin_cnns()
-    train(a, SINGD(a, **HYPER), data)
-    optim = SINGD(b, **HYPER)
-    for X, y in data:
-
-        def closure(X: torch.Tensor = X, y: torch.Tensor = y) -> torch.Tensor:
-            optim.zero_grad()
-            loss = nn.functional.cross_entropy(b(X), y)
-            loss.backward()
-            return loss
-
-        loss = optim.step(closure)
-        assert torch.isfinite(loss)
-    assert_same_params(a, b, exact=True)
-
-
-def test_lr_scheduler_drives_lr() -> None:
-    model = cnn()
-    optim = SINGD(model, lr=1e-2, T=1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda epoch: 1.0 if epoch == 0 else 0.0)
-    data = batches(3)
-    train(model, optim, data[:1])
-    scheduler.step()
-    assert optim.param_groups[0]["lr"] == 0.0
-    frozen = [p.detach().clone() for p in model.parameters()]
-    train(model, optim, data[1:])
-    for p, q in zip(model.parameters(), frozen, strict=True):
-        assert torch.equal(p, q)
 
 
 def test_add_param_group_registers_new_layers() -> None:

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "precision_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "precision.py"
-)
-assert _SPEC is not None and _SPEC.loader is not None
-precision = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = precision  # dataclasses look their module up
-_SPEC.loader.exec_module(precision)
+from benchmarks import precision
 
 #: The issue's bound: bf16 ends within 3 accuracy points of the float32 run.
 MAX_ACCURACY_GAP = 0.03

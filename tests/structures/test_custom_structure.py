@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 import singd
-from singd.structures import Structure, StructuredMatrix, parse_structure, register_structure
+from singd.structures import (
+    Structure,
+    StructuredMatrix,
+    parse_structure,
+    register_structure,
+    scoped_registration,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +72,10 @@ class ScaledIdentityMatrix(StructuredMatrix):
 
 
 ScaledIdentity.matrix_cls = ScaledIdentityMatrix
-register_structure(ScaledIdentity)
 
 
 def test_registered_structure_trains_with_singd():
+    register_structure(ScaledIdentity)  # (undone after the test: tests/conftest.py)
     assert parse_structure("scaled_identity_test") == ScaledIdentity()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
@@ -86,3 +93,11 @@ def test_registered_structure_trains_with_singd():
     for p, p0 in zip(model.parameters(), before, strict=True):
         assert torch.isfinite(p).all()
         assert not torch.equal(p, p0)
+
+
+def test_scoped_registration_removes_the_structure_again():
+    with scoped_registration():
+        register_structure(ScaledIdentity)
+        assert parse_structure("scaled_identity_test") == ScaledIdentity()
+    with pytest.raises(ValueError, match="Unknown structure 'scaled_identity_test'"):
+        parse_structure("scaled_identity_test")

@@ -11,6 +11,7 @@ from singd.layers.base import (
     grad_output_matrix,
     input_matrix,
     register_adapter,
+    scoped_registration,
     supported_layer_types,
 )
 from singd.layers.conv import ConvAdapter
@@ -34,5 +35,6 @@ __all__ = [
     "grad_output_matrix",
     "input_matrix",
     "register_adapter",
+    "scoped_registration",
     "supported_layer_types",
 ]

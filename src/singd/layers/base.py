@@ -21,8 +21,10 @@ A new layer type is an adapter subclass plus :func:`register_adapter`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -187,6 +189,18 @@ def find_adapter(module: nn.Module) -> LayerAdapter | None:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
     return None
+
+
+@contextlib.contextmanager
+def scoped_registration() -> Iterator[None]:
+    """Adapters registered inside the ``with`` block are removed (and replaced ones
+    restored) at its end; for tests and notebooks."""
+    adapters = dict(_ADAPTERS)
+    try:
+        yield
+    finally:
+        _ADAPTERS.clear()
+        _ADAPTERS.update(adapters)
 
 
 def supported_layer_types() -> list[str]:

@@ -18,7 +18,8 @@ A new rule is a function plus :func:`register_fallback`::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -91,6 +92,17 @@ def unregister_fallback(name: str) -> None:
     """Remove a rule added with :func:`register_fallback` (no-op if absent)."""
     if name not in (m.value for m in Fallback):
         _FALLBACKS.pop(name, None)
+
+
+@contextlib.contextmanager
+def scoped_registration() -> Iterator[None]:
+    """Fallback rules registered inside the ``with`` block are removed at its end."""
+    rules = dict(_FALLBACKS)
+    try:
+        yield
+    finally:
+        _FALLBACKS.clear()
+        _FALLBACKS.update(rules)
 
 
 def available_fallbacks() -> tuple[str | None, ...]:

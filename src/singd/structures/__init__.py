@@ -31,6 +31,7 @@ from singd.structures.registry import (
     parse_structure,
     register_alias,
     register_structure,
+    scoped_registration,
 )
 from singd.structures.toeplitz import ToeplitzMatrix, TrilToeplitz, TriuToeplitz
 from singd.structures.triangular import (
@@ -92,4 +93,5 @@ __all__ = [
     "parse_structure",
     "register_alias",
     "register_structure",
+    "scoped_registration",
 ]

@@ -13,8 +13,9 @@ Register your own with :func:`register_structure` (and optionally
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from singd.structures.base import Structure
 
@@ -47,6 +48,25 @@ def register_alias(pattern: str, build: Callable[[re.Match[str]], Structure], ex
         example: An example string, shown in error messages.
     """
     _ALIASES.append((re.compile(pattern), build, example))
+
+
+@contextlib.contextmanager
+def scoped_registration() -> Iterator[None]:
+    """Structures and aliases registered inside the ``with`` block are removed at its end.
+
+    For tests and notebooks that register a structure without leaving it behind::
+
+        with scoped_registration():
+            register_structure(MyStructure)
+            ...
+    """
+    structures, aliases = dict(_STRUCTURES), list(_ALIASES)
+    try:
+        yield
+    finally:
+        _STRUCTURES.clear()
+        _STRUCTURES.update(structures)
+        _ALIASES[:] = aliases
 
 
 def available_structures() -> list[str]:

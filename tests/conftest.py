@@ -1,0 +1,56 @@
+"""Fixtures every test module shares: devices, dtypes, and registries left as found.
+
+* ``device``: ``cpu``, and ``cuda`` where a GPU is present (skipped elsewhere), so a
+  test that takes it is the same test on every device rather than a CUDA copy.
+* ``dtype``: the floating dtypes the optimizers train in.
+* Every test runs inside the ``scoped_registration()`` of the structure, layer-adapter
+  and fallback-rule registries, so what a test registers does not leak into others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from singd.layers import scoped_registration as scoped_adapters
+from singd.optim.fallback import scoped_registration as scoped_fallbacks
+from singd.structures import scoped_registration as scoped_structures
+
+HAS_CUDA = torch.cuda.is_available()
+
+#: ``pytest.param`` of every device; CUDA is skipped without a GPU.
+DEVICES = [
+    pytest.param(torch.device("cpu"), id="cpu"),
+    pytest.param(
+        torch.device("cuda"),
+        id="cuda",
+        marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"),
+    ),
+]
+
+#: The dtypes a model (and so its factors, by default) can have.
+DTYPES = [
+    pytest.param(torch.float32, id="float32"),
+    pytest.param(torch.bfloat16, id="bfloat16"),
+    pytest.param(torch.float16, id="float16"),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device a test should pass on (``cuda`` only where there is a GPU)."""
+    return request.param
+
+
+@pytest.fixture(params=DTYPES)
+def dtype(request: pytest.FixtureRequest) -> torch.dtype:
+    """Each floating dtype a model can train in."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _registries_left_as_found() -> Iterator[None]:
+    with scoped_structures(), scoped_adapters(), scoped_fallbacks():
+        yield
