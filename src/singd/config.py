@@ -140,9 +140,9 @@ class SINGDConfig(GroupConfig):
         return cls(
             **cls.common_fields(group),
             alpha1=group["alpha1"],
-            structures=tuple(group["structures"]),  # type: ignore[arg-type]
+            structures=tuple(group["structures"]),
             kfac_like=group["kfac_like"],
-            preconditioner_dtype=tuple(group["preconditioner_dtype"]),  # type: ignore[arg-type]
+            preconditioner_dtype=tuple(group["preconditioner_dtype"]),
             normalize_lr_cov=group["normalize_lr_cov"],
         )
 

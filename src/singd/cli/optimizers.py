@@ -198,6 +198,8 @@ def build_optimizer(
     if spec.name == "ikfac":
         return SINGD(model, kfac_like=True, alpha1=0.0, preconditioner_dtype=dtypes, **common)
     structure = "dense" if spec.name == "ingd" else spec.structure
+    if structure is None:
+        raise ValueError(f"Optimizer {spec.name!r} needs a structure (e.g. singd:diagonal).")
     return SINGD(
         model,
         alpha1=hp["alpha1"],

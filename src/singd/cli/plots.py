@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from singd.cli.runs import RunResult
 
@@ -36,7 +36,7 @@ def _style(label: str) -> str:
     return "--" if label.startswith("SINGD-") else "-"
 
 
-def _figure(results: Sequence[RunResult]) -> tuple[Figure, dict[str, object], dict[str, str]]:
+def _figure(results: Sequence[RunResult]) -> tuple[Figure, dict[str, Any], dict[str, str]]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -58,11 +58,11 @@ def input_statistic(
     dense :math:`U`.
     """
     if _needs_only_diagonal(structure):
-        diag = adapter.input_diagonal(module, x, approx)  # type: ignore[arg-type]
+        diag = adapter.input_diagonal(module, x, approx)
         if x.is_floating_point():
             diag = diag.to(x.dtype)
         return DiagonalMatrix(_DIAGONAL, diag.shape[0], {"diag": diag})
-    A = input_matrix(adapter, module, x, approx)  # type: ignore[arg-type]
+    A = input_matrix(adapter, module, x, approx)
     return _DENSE.from_mat_inner(A.T)
 
 
@@ -79,11 +79,11 @@ def output_statistic(
     needs (``g`` in C's dtype; :math:`s_{t-1}` the previous gradient scale, see
     :mod:`singd.amp`): its diagonal, computed without forming :math:`G_m`, or dense."""
     if _needs_only_diagonal(structure):
-        diag = grad_output_diagonal(adapter, module, g, approx, loss_average)  # type: ignore[arg-type]
+        diag = grad_output_diagonal(adapter, module, g, approx, loss_average)
         if previous_scale != 1.0:
             diag = diag / previous_scale
         return DiagonalMatrix(_DIAGONAL, diag.shape[0], {"diag": diag})
-    Gm = grad_output_matrix(adapter, module, g, approx, loss_average)  # type: ignore[arg-type]
+    Gm = grad_output_matrix(adapter, module, g, approx, loss_average)
     if previous_scale != 1.0:
         Gm = Gm / math.sqrt(previous_scale)
     return _DENSE.from_mat_inner(Gm.T)

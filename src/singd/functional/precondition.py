@@ -72,7 +72,7 @@ def apply_parameter_step(
     # ``buf.mul_(α₂).add_(Δ + γμ); μ.add_(buf, alpha=-β₂)``, without its per-tensor
     # dispatch overhead.
     if weight_decay != 0:
-        directions = torch._foreach_add(directions, params, alpha=weight_decay)
+        directions = list(torch._foreach_add(directions, params, alpha=weight_decay))
     if momentum != 0:
         buffers = []
         for p, state in zip(params, states, strict=True):

@@ -25,6 +25,7 @@ import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,40 +36,48 @@ KFAC_APPROXIMATIONS = ("expand", "reduce")
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 
 
-class LayerAdapter(ABC):
-    """How a layer type exposes its parameters and statistics to Kronecker optimizers."""
+#: The module type an adapter handles.
+M = TypeVar("M", bound=nn.Module)
+
+
+class LayerAdapter(ABC, Generic[M]):
+    """How a layer type ``M`` exposes its parameters and statistics to Kronecker optimizers."""
 
     #: A structure the input-side factor K must have whatever the param group asks
     #: for (e.g. diagonal for embeddings, whose K spans the vocabulary), or None.
     input_structure: Structure | None = None
 
-    def check(self, module: nn.Module) -> None:  # noqa: B027 (optional hook, no-op default)
+    def check(self, module: M) -> None:
         """Raise a clear error if this module cannot be handled (called at registration)."""
 
-    @abstractmethod
-    def parameters(self, module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
-        """The ``(weight, bias)`` pair that the Kronecker factors precondition."""
+    def parameters(self, module: M) -> tuple[nn.Parameter, nn.Parameter | None]:
+        """The ``(weight, bias)`` pair that the Kronecker factors precondition.
+
+        Default: ``module.weight`` and ``module.bias`` (None if the module has none).
+        """
+        weight = cast(nn.Parameter, module.weight)
+        return weight, cast("nn.Parameter | None", getattr(module, "bias", None))
 
     @abstractmethod
-    def factor_dims(self, module: nn.Module) -> tuple[int, int]:
+    def factor_dims(self, module: M) -> tuple[int, int]:
         """``(d_K, d_C)``: input-side dimension (bias included) and output-side dimension."""
 
     @abstractmethod
-    def shared_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+    def shared_inputs(self, module: M, x: Tensor) -> Tensor:
         """The layer input in weight-sharing format ``[B, R, d_in]`` (no bias column)."""
 
     @abstractmethod
-    def shared_grad_outputs(self, module: nn.Module, g: Tensor) -> Tensor:
+    def shared_grad_outputs(self, module: M, g: Tensor) -> Tensor:
         """The output gradient in weight-sharing format ``[B, R, d_o]``."""
 
-    def expanded_input_matrix(self, module: nn.Module, x: Tensor) -> Tensor:
+    def expanded_input_matrix(self, module: M, x: Tensor) -> Tensor:
         r"""KFAC-expand's :math:`A = [x \,|\, 1] / \sqrt{BR}`, ``[B·R, d_K]``.
 
         Override when the weight-sharing format is costly to copy (convolutions).
         """
         return scaled_with_bias_column(self, module, self.shared_inputs(module, x).flatten(0, 1))
 
-    def input_diagonal(self, module: nn.Module, x: Tensor, approx: str) -> Tensor:
+    def input_diagonal(self, module: M, x: Tensor, approx: str) -> Tensor:
         r""":math:`\operatorname{diag}(A^\top A)`, all a diagonal K needs from the input.
 
         Sums of squares over the weight-sharing format, without forming :math:`A`
@@ -87,7 +96,7 @@ class LayerAdapter(ABC):
             diag = torch.cat([diag, diag.new_ones(1)])
         return diag
 
-    def reduced_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+    def reduced_inputs(self, module: M, x: Tensor) -> Tensor:
         """The input averaged over shared positions, ``[B, d_in]`` (KFAC-reduce).
 
         Override when the average is cheaper than the weight-sharing format
@@ -95,7 +104,7 @@ class LayerAdapter(ABC):
         """
         return self.shared_inputs(module, x).mean(1)
 
-    def grad_matrix(self, module: nn.Module) -> Tensor:
+    def grad_matrix(self, module: M) -> Tensor:
         r"""The gradient as a ``[d_o, d_K]`` matrix :math:`[\nabla W \,|\, \nabla b]`.
 
         The weight gradient is flattened to ``[d_o, -1]``; a missing bias gradient
@@ -109,7 +118,7 @@ class LayerAdapter(ABC):
         bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
         return torch.cat([g, bias_grad.unsqueeze(1).to(g.dtype)], dim=1)
 
-    def split_matrix(self, module: nn.Module, mat: Tensor) -> list[Tensor]:
+    def split_matrix(self, module: M, mat: Tensor) -> list[Tensor]:
         """Inverse of :meth:`grad_matrix`: ``[d_o, d_K]`` back to ``[weight, bias]`` shapes."""
         weight, bias = self.parameters(module)
         if bias is None:
@@ -117,14 +126,14 @@ class LayerAdapter(ABC):
         return [mat[:, :-1].reshape(weight.shape), mat[:, -1]]
 
 
-def input_matrix(adapter: LayerAdapter, module: nn.Module, x: Tensor, approx: str) -> Tensor:
+def input_matrix(adapter: LayerAdapter[M], module: M, x: Tensor, approx: str) -> Tensor:
     """The processed input :math:`A` ``[rows, d_K]`` for ``U = AᵀA`` (module docstring)."""
     if approx == "expand":
         return adapter.expanded_input_matrix(module, x)
     return scaled_with_bias_column(adapter, module, adapter.reduced_inputs(module, x))
 
 
-def scaled_with_bias_column(adapter: LayerAdapter, module: nn.Module, a: Tensor) -> Tensor:
+def scaled_with_bias_column(adapter: LayerAdapter[M], module: M, a: Tensor) -> Tensor:
     """``[a | 1] / √rows`` written in one pass into a preallocated matrix (no concat copy)."""
     rows, features = a.shape
     root = math.sqrt(rows)  # divided, not multiplied by 1/√rows: the published rounding
@@ -137,7 +146,7 @@ def scaled_with_bias_column(adapter: LayerAdapter, module: nn.Module, a: Tensor)
 
 
 def grad_output_matrix(
-    adapter: LayerAdapter, module: nn.Module, g: Tensor, approx: str, loss_average: str | None
+    adapter: LayerAdapter[M], module: M, g: Tensor, approx: str, loss_average: str | None
 ) -> Tensor:
     """The processed output gradient :math:`G_m` ``[rows, d_o]`` for ``G = G_mᵀG_m``."""
     shared = adapter.shared_grad_outputs(module, g)
@@ -155,7 +164,7 @@ def grad_output_matrix(
 
 
 def grad_output_diagonal(
-    adapter: LayerAdapter, module: nn.Module, g: Tensor, approx: str, loss_average: str | None
+    adapter: LayerAdapter[M], module: M, g: Tensor, approx: str, loss_average: str | None
 ) -> Tensor:
     r""":math:`\operatorname{diag}(G_m^\top G_m)`, all a diagonal C needs, without forming
     :math:`G_m` (no transposed copy of convolution gradients)."""
@@ -171,10 +180,10 @@ def num_loss_terms(shared: Tensor, loss_average: str | None) -> int:
     return {None: 1, "batch": batch, "batch+sequence": batch * positions}[loss_average]
 
 
-_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
+_ADAPTERS: dict[type[nn.Module], LayerAdapter[Any]] = {}
 
 
-def register_adapter(module_type: type[nn.Module], adapter: LayerAdapter) -> None:
+def register_adapter(module_type: type[M], adapter: LayerAdapter[M]) -> None:
     """Make Kronecker optimizers handle ``module_type`` (and its subclasses) with ``adapter``."""
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"Expected an nn.Module subclass, got {module_type!r}.")
@@ -183,7 +192,7 @@ def register_adapter(module_type: type[nn.Module], adapter: LayerAdapter) -> Non
     _ADAPTERS[module_type] = adapter
 
 
-def find_adapter(module: nn.Module) -> LayerAdapter | None:
+def find_adapter(module: nn.Module) -> LayerAdapter[Any] | None:
     """The adapter registered for the closest type in ``module``'s MRO, or None."""
     for cls in type(module).__mro__:
         if cls in _ADAPTERS:

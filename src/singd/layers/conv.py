@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,17 +103,13 @@ def patch_sums(module: nn.modules.conv._ConvNd, x_padded: Tensor) -> Tensor:
         dilation=module.stride,
     )
     # a stride that does not divide the padded size leaves room for more offsets: drop them
-    sums = sums[(..., *(slice(0, k) for k in module.kernel_size))]
+    index: tuple[Any, ...] = (Ellipsis, *(slice(0, k) for k in module.kernel_size))
+    sums = sums[index]
     return sums.reshape(B, c, *module.kernel_size)
 
 
-class ConvAdapter(LayerAdapter):
+class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
     """Adapter for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``."""
-
-    def parameters(
-        self, module: nn.modules.conv._ConvNd
-    ) -> tuple[nn.Parameter, nn.Parameter | None]:
-        return module.weight, module.bias
 
     def factor_dims(self, module: nn.modules.conv._ConvNd) -> tuple[int, int]:
         # from the shape, not ``weight[0]``: indexing a sharded (DTensor) weight communicates

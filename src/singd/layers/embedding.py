@@ -13,13 +13,15 @@ gives the padding row no gradient, so it has no curvature either.
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 from singd.layers.base import LayerAdapter
 from singd.structures import Diagonal
 
 
-class EmbeddingAdapter(LayerAdapter):
+class EmbeddingAdapter(LayerAdapter[nn.Embedding]):
     """Adapter for :class:`torch.nn.Embedding` (dense gradients only)."""
 
     input_structure = Diagonal()
@@ -32,7 +34,7 @@ class EmbeddingAdapter(LayerAdapter):
             )
 
     def parameters(self, module: nn.Embedding) -> tuple[nn.Parameter, nn.Parameter | None]:
-        return module.weight, None
+        return cast(nn.Parameter, module.weight), None  # (no bias)
 
     def factor_dims(self, module: nn.Embedding) -> tuple[int, int]:
         return module.num_embeddings, module.embedding_dim

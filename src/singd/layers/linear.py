@@ -11,11 +11,8 @@ from torch import Tensor, nn
 from singd.layers.base import LayerAdapter
 
 
-class LinearAdapter(LayerAdapter):
+class LinearAdapter(LayerAdapter[nn.Linear]):
     """Adapter for :class:`torch.nn.Linear`."""
-
-    def parameters(self, module: nn.Linear) -> tuple[nn.Parameter, nn.Parameter | None]:
-        return module.weight, module.bias
 
     def factor_dims(self, module: nn.Linear) -> tuple[int, int]:
         return module.in_features + int(module.bias is not None), module.out_features

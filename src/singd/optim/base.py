@@ -121,7 +121,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         self._warned_non_finite: set[str] = set()
         self.steps = 0
         super().__init__(params, defaults)
-        self._distributor.attach(self, wrapper)  # type: ignore[arg-type]
+        self._distributor.attach(self, wrapper)
 
     # --- what the distribution strategies and checkpoint helpers read ------------------
     @property
@@ -165,7 +165,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
 
     # --- step --------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Refresh the due preconditioners, then update every parameter (module docstring).
 
         Runs with autocast disabled, so factors and updates keep the dtypes the user
@@ -195,7 +195,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         return loss
 
     def _step(self) -> None:
-        self._distributor.before_step(self)  # type: ignore[arg-type]
+        self._distributor.before_step(self)
         t = self.steps
         grad_divisor = resolve_grad_scale(self, self._scales, t)
         found_inf = getattr(self, "found_inf", None)
@@ -210,7 +210,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
             self._scales.forget(t)
             return
         self._check_statistics()
-        self._distributor.synchronize(self)  # type: ignore[arg-type]
+        self._distributor.synchronize(self)
         fallback_step(
             self.param_groups,
             [self._config(i) for i in range(len(self.param_groups))],
@@ -269,7 +269,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
             name: self._preconditioners[name].precondition(G)
             for name, G in self._distributor.owned_gradients(self, grads).items()  # type: ignore[arg-type]
         }
-        updates = self._distributor.share_updates(self, owned)  # type: ignore[arg-type]
+        updates = self._distributor.share_updates(self, owned)
         return {name: (G, updates[name]) for name, G in grads.items()}
 
     def synchronize_gradients(self) -> None:
@@ -281,7 +281,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         holds the full-batch gradient (averaged, or summed for ``loss_average=None``);
         the next ``step()`` does not reduce them again. A no-op on one process.
         """
-        self._distributor.reduce_gradients(self)  # type: ignore[arg-type]
+        self._distributor.reduce_gradients(self)
 
     def _refresh_due_layers(self, h_c_unscale: float) -> None:
         """Refresh every due layer, then undo the refreshes that produced inf/NaN.

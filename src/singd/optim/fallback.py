@@ -146,4 +146,4 @@ def fallback_step(
             continue
         grads = [p.grad if grad_divisor == 1.0 else p.grad / grad_divisor for p in params]
         rule = find_fallback(config.fallback)
-        rule(params, grads, [state[p] for p in params], config, group["lr"])  # type: ignore[arg-type]
+        rule(params, grads, [state[p] for p in params], config, group["lr"])

@@ -34,7 +34,7 @@ class Layer:
 
     name: str
     module: nn.Module
-    adapter: LayerAdapter
+    adapter: LayerAdapter[Any]
 
     @property
     def weight(self) -> nn.Parameter:

@@ -146,7 +146,7 @@ class Bound:
         wanted = numbers.Integral if self.integer else numbers.Real
         if isinstance(value, bool) or not isinstance(value, wanted):
             raise TypeError(f"{label} must be {self.describe()}, got {value!r}.")
-        if not math.isfinite(value) or not self.contains(value):
+        if not math.isfinite(value) or not self.contains(float(value)):
             reason = f" ({self.why})" if self.why else ""
             raise ValueError(f"{label} must be {self.describe()}, got {value!r}{reason}.")
         return value

@@ -21,6 +21,9 @@ The canonical name is ``str(spec)``; :func:`parse_structure` reads it back. The
 rank-k aliases (published class names) mean ``k = 1``.
 """
 
+import functools
+import re
+
 from singd.structures.base import NaiveImplementationWarning, Structure, StructuredMatrix
 from singd.structures.block_diagonal import BlockDiagonal, BlockDiagonalMatrix
 from singd.structures.dense import Dense, DenseMatrix
@@ -65,9 +68,16 @@ register_alias(
 )
 register_alias("triltoeplitz", lambda m: TrilToeplitz(), "triltoeplitz")
 register_alias("triutoeplitz", lambda m: TriuToeplitz(), "triutoeplitz")
+
+
+def _rank_one(cls: type[Structure], match: re.Match[str]) -> Structure:
+    """The published rank-1 triangular names (``triltopleftdiagonal``, …)."""
+    return cls(1)  # type: ignore[call-arg]
+
+
 for _cls in (TrilTopLeft, TrilBottomRight, TriuTopLeft, TriuBottomRight):
     _alias = _cls.name.replace("_", "") + "diagonal"  # e.g. TrilTopLeftDiagonalMatrix
-    register_alias(_alias, lambda m, cls=_cls: cls(1), _alias)
+    register_alias(_alias, functools.partial(_rank_one, _cls), _alias)
 
 __all__ = [
     "BlockDiagonal",

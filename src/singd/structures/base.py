@@ -266,7 +266,7 @@ class StructuredMatrix(ABC):
                 f"{other.structure} matrix of size {other.dim}."
             )
 
-    def add_(self: SelfMatrix, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> SelfMatrix:
+    def add_(self: SelfMatrix, other: StructuredMatrix, alpha: float = 1.0) -> SelfMatrix:
         r"""In place :math:`M \leftarrow M + \alpha N`; returns ``self``."""
         self._check_same(other)
         theirs = other.tensors()
