@@ -233,7 +233,8 @@ class FSDP2(Sharded):
     ) -> dict[str, Tensor]:
         """The full gradient matrices of this rank's layers, gathered from the shards."""
         self._layouts = {name: self._layout(name, G) for name, G in grads.items()}
-        local = {name: G.to_local() for name, G in grads.items()}
+        # (the gradients of fully_shard layers are DTensors)
+        local = {name: G.to_local() for name, G in grads.items()}  # type: ignore[attr-defined]
         full: dict[str, Tensor] = {}
         for sharded in self._by_dtype(local):
             send: list[list[Tensor]] = [[] for _ in range(self.world_size)]

@@ -267,7 +267,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
                 grads[name] = G / grad_divisor if grad_divisor != 1.0 else G
         owned = {
             name: self._preconditioners[name].precondition(G)
-            for name, G in self._distributor.owned_gradients(self, grads).items()  # type: ignore[arg-type]
+            for name, G in self._distributor.owned_gradients(self, grads).items()
         }
         updates = self._distributor.share_updates(self, owned)
         return {name: (G, updates[name]) for name, G in grads.items()}
