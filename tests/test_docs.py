@@ -36,7 +36,13 @@ def test_readme_snippet_runs() -> None:
     [b for b in python_blocks(ROOT / "docs" / "layers.md") if b.startswith("import")],
 )
 def test_layers_doc_adapter_example_runs(block: str) -> None:
-    exec(block, {})
+    namespace: dict[str, object] = {}
+    exec(block, namespace)
+    if "optim" in namespace:  # the custom layer was registered, stepped and got factors
+        optim = namespace["optim"]
+        assert "0" in optim.preconditioners  # type: ignore[attr-defined]
+        assert optim.preconditioners["0"].state is not None  # type: ignore[attr-defined]
+        assert optim.steps == 1  # type: ignore[attr-defined]
 
 
 def test_guide_profiling_snippet_shows_the_phases(capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,3 +78,23 @@ def test_digits_example_script() -> None:
     match = re.search(r"test accuracy (\d+\.\d)%", result.stdout)
     assert match, result.stdout
     assert float(match.group(1)) > 60.0  # five epochs already learn most digits
+
+
+def test_guide_fallback_rule_snippet_runs() -> None:
+    """The guide's custom fallback rule trains the parameters without factors."""
+    from singd import SINGD
+    from singd.optim.fallback import available_fallbacks
+
+    (snippet,) = [b for b in python_blocks(ROOT / "docs" / "guide.md") if "register_fallback" in b]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    namespace: dict[str, object] = {"model": model, "SINGD": SINGD}
+    exec(snippet, namespace)
+    assert "signsgd" in available_fallbacks()  # (scoped to this test: tests/conftest.py)
+    norm = model[1].weight
+    before = norm.detach().clone()
+    optim = namespace["optim"]
+    nn.functional.cross_entropy(model(torch.randn(5, 4)), torch.tensor([0, 1, 2, 0, 1])).backward()
+    optim.step()  # type: ignore[attr-defined]
+    assert norm.grad is not None
+    torch.testing.assert_close(norm.detach(), before - 1e-3 * norm.grad.sign())
