@@ -130,8 +130,8 @@ def main() -> None:
         if rank == 0:
             print(f"checkpoint saved and loaded at step {optim.steps}")
         loss = train(model, optim, data)
-    owned = len([n for n in optim.layer_names if optim.distributor.owns(n)])
-    print(f"rank {rank}: owns the factors of {owned} of {len(optim.layer_names)} layers")
+    owned = len([name for name in optim.layers if optim.distributor.owns(name)])
+    print(f"rank {rank}: owns the factors of {owned} of {len(optim.layers)} layers")
     if rank == 0:
         print(f"final loss {loss:.4f} after {optim.steps} steps on {world} ranks")
     dist.destroy_process_group()

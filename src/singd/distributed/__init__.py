@@ -15,23 +15,24 @@ Pick a strategy with the optimizers' ``distributed`` argument:
 * ``None`` — :class:`Local`: no communication;
 * a :class:`Distributor` instance, to set the process group, bucket size or the
   periodic cross-rank parameter check, e.g. ``Sharded(check_every=100)``.
+
+The strategies see the optimizer only through :class:`DistributedOptimizer`
+(:mod:`singd.distributed.protocol`); nothing here imports :mod:`singd.optim`.
 """
 
-from singd.distributed.base import (
-    DISTRIBUTED_MODES,
-    Distributor,
-    Local,
-    resolve_distributor,
-    unwrap_model,
-)
+from singd.distributed.base import Distributor, Local
 from singd.distributed.fsdp2 import FSDP2
+from singd.distributed.protocol import DistributedOptimizer, KroneckerLayer
 from singd.distributed.replicated import Replicated
+from singd.distributed.resolve import DISTRIBUTED_MODES, resolve_distributor, unwrap_model
 from singd.distributed.sharded import Sharded
 
 __all__ = [
     "DISTRIBUTED_MODES",
     "FSDP2",
+    "DistributedOptimizer",
     "Distributor",
+    "KroneckerLayer",
     "Local",
     "Replicated",
     "Sharded",

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from singd.distributed.fsdp2 import is_dtensor
+from singd.distributed.base import is_dtensor
 
 
 @contextlib.contextmanager
@@ -181,10 +181,10 @@ def _to_state_dict(optim: Any, loaded: dict[str, Any]) -> dict[str, Any]:
     own["fallback_layers"] = own.get("fallback_layers") or {}
     own["layers"] = {  # (the demoted layers leave when the state dict is loaded)
         name: dict(saved_layers.get(name, {}))
-        for name in optim.layer_names
+        for name in optim.layers
         if name not in own["fallback_layers"]
     }
-    unknown = sorted(set(saved_layers) - set(optim.layer_names))
+    unknown = sorted(set(saved_layers) - set(optim.layers))
     if unknown:
         raise ValueError(f"The checkpoint holds layers {unknown} that this optimizer has not.")
     return {

@@ -9,7 +9,7 @@ gradient:
 
 1. **statistics** come from each rank's local batch, as in every mode: the hooks sit
    on the wrapped modules and see their (unsharded) inputs and output gradients.
-   At refresh steps the factor-free statistics (:mod:`singd.distributed.statistics`)
+   At refresh steps the factor-free statistics (:mod:`singd.functional.statistics`)
    are reduce-scattered onto each layer's **owner** (cost-balanced, as in
    :class:`~singd.distributed.sharded.Sharded`), so per rank the factors and their
    refresh fall to about 1/R;
@@ -50,43 +50,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from singd.distributed.base import average_over_ranks, due_layers, statistics
+from singd.distributed.base import is_dtensor, statistics
 from singd.distributed.collectives import exchange, launch_all_reduce, launch_reduce_scatter
+from singd.distributed.protocol import DistributedOptimizer
 from singd.distributed.sharded import Sharded
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-
-    from singd.optim.base import KroneckerOptimizer
-
-
-def _dtensor_types() -> tuple[type, ...]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover (torch without DTensor)
-        return ()
-    return (DTensor,)
-
-
-def is_dtensor(t: object) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
-    types = _dtensor_types()
-    return bool(types) and isinstance(t, types)
-
-
-def is_fully_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` contains a module wrapped with FSDP2's ``fully_shard``."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def chunk_sizes(n: int, parts: int) -> list[int]:
@@ -140,7 +117,7 @@ class FSDP2(Sharded):
         self._layouts: dict[str, _Layout] = {}
 
     # --- set-up --------------------------------------------------------------------------
-    def attach(self, optimizer: KroneckerOptimizer, wrapper: nn.Module | None) -> None:
+    def attach(self, optimizer: DistributedOptimizer, wrapper: nn.Module | None) -> None:
         """Bind to the optimizer; take the process groups from the parameters' mesh.
 
         Raises:
@@ -156,15 +133,14 @@ class FSDP2(Sharded):
             )
         self._optimizer = optimizer
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        names = {p: name for name, p in optimizer.model.named_parameters()}
-        plain = [names.get(p, "?") for p in params if not is_dtensor(p)]
+        plain = [optimizer.param_name(p) for p in params if not is_dtensor(p)]
         if plain:
             raise TypeError(
                 f"distributed='fsdp2' needs every trained parameter sharded by fully_shard; "
                 f"{', '.join(plain[:5])}{' ...' if len(plain) > 5 else ''} are plain tensors. "
                 "Call fully_shard on the root module too (after its submodules)."
             )
-        check_fsdp_layout(optimizer.model, params, names)
+        check_fsdp_layout(optimizer.model, params, optimizer.param_name)
         if params:
             self._set_mesh(params[0].device_mesh)
 
@@ -183,7 +159,7 @@ class FSDP2(Sharded):
         return self.replicas * self.world_size
 
     # --- hooks ---------------------------------------------------------------------------
-    def before_step(self, optimizer: KroneckerOptimizer) -> None:
+    def before_step(self, optimizer: DistributedOptimizer) -> None:
         """Refuse a GradScaler (each rank would check only its own shards for inf)."""
         if getattr(optimizer, "found_inf", None) is not None:
             raise RuntimeError(
@@ -193,18 +169,16 @@ class FSDP2(Sharded):
                 "torch.bfloat16, reduce_dtype=torch.float32)), which needs no scaler."
             )
 
-    def reduce_gradients(self, optimizer: KroneckerOptimizer) -> None:
+    def reduce_gradients(self, optimizer: DistributedOptimizer) -> None:
         """No-op: ``fully_shard`` has reduced the gradients at the end of backward."""
 
-    def synchronize(self, optimizer: KroneckerOptimizer) -> None:
+    def synchronize(self, optimizer: DistributedOptimizer) -> None:
         """Sum instead of average for ``loss_average=None``; statistics onto their owners."""
         if self.data_parallel_size > 1:
-            for group in optimizer.param_groups:
-                if not average_over_ranks(group):
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            p.grad.mul_(self.data_parallel_size)
-        layers = due_layers(optimizer)
+            for grad, average in zip(*optimizer.gradients(), strict=True):
+                if not average:
+                    grad.mul_(self.data_parallel_size)
+        layers = optimizer.due_layers()
         tensors, average, layer_index = statistics(optimizer, layers)
         if self.replicate_group is not None:
             launch_all_reduce(
@@ -226,10 +200,10 @@ class FSDP2(Sharded):
         )()
         for layer in layers:
             if not self.owns(layer.name):
-                optimizer.preconditioners[layer.name].drop_statistics()
+                optimizer.drop_statistics(layer)
 
     def owned_gradients(
-        self, optimizer: KroneckerOptimizer, grads: dict[str, Tensor]
+        self, optimizer: DistributedOptimizer, grads: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         """The full gradient matrices of this rank's layers, gathered from the shards."""
         self._layouts = {name: self._layout(name, G) for name, G in grads.items()}
@@ -262,7 +236,10 @@ class FSDP2(Sharded):
         return full
 
     def share_updates(
-        self, optimizer: KroneckerOptimizer, updates: dict[str, Tensor]
+        self,
+        optimizer: DistributedOptimizer,
+        updates: dict[str, Tensor],
+        grads: dict[str, Tensor],
     ) -> dict[str, Tensor]:
         """Send each rank its rows of the owners' natural gradients, as DTensors laid out
         like the gradients (so the parameter step runs on the shards)."""
@@ -344,7 +321,9 @@ class FSDP2(Sharded):
         return list(groups.values())
 
 
-def check_fsdp_layout(model: nn.Module, params: list[Tensor], names: dict[Any, str]) -> None:
+def check_fsdp_layout(
+    model: nn.Module, params: list[Tensor], param_name: Callable[[Tensor], str]
+) -> None:
     """Raise ``TypeError`` unless every DTensor parameter has FSDP2's (or HSDP's) layout.
 
     FSDP2 shards on dim 0 over a 1-D mesh (``Shard(0)``); HSDP replicates over the first
@@ -357,7 +336,7 @@ def check_fsdp_layout(model: nn.Module, params: list[Tensor], names: dict[Any, s
     managed = {id(p) for m in model.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
     meshes = set()
     for p in params:
-        name = names.get(p, "?")
+        name = param_name(p)
         if id(p) not in managed:
             raise TypeError(
                 f"Parameter {name!r} is a DTensor outside every fully_shard module (a tensor-"

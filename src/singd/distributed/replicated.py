@@ -24,24 +24,14 @@ large dense factors see :class:`~singd.distributed.sharded.Sharded`.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from singd.distributed.base import (
-    Distributor,
-    average_over_ranks,
-    due_layers,
-    gradients,
-    parameter_checksums,
-    statistics,
-)
+from singd.distributed.base import Distributor, is_dtensor, parameter_checksums, statistics
 from singd.distributed.collectives import broadcast_coalesced, launch_all_reduce
-
-if TYPE_CHECKING:
-    from singd.optim.base import KroneckerOptimizer
+from singd.distributed.protocol import DistributedOptimizer
 
 
 class Replicated(Distributor):
@@ -84,7 +74,7 @@ class Replicated(Distributor):
         self.overlap = overlap
         self.check_every = check_every
         self.wrapped = False
-        self._optimizer: KroneckerOptimizer | None = None
+        self._optimizer: DistributedOptimizer | None = None
         # Gradients made global by synchronize_gradients() before this step (weak
         # references: a zero_grad(set_to_none=True) or a new tensor invalidates them).
         self._reduced: list[weakref.ref[Tensor]] | None = None
@@ -97,11 +87,16 @@ class Replicated(Distributor):
         self.rank = dist.get_rank(group)
 
     # --- hooks ---------------------------------------------------------------------------
-    def attach(self, optimizer: KroneckerOptimizer, wrapper: nn.Module | None) -> None:
+    def attach(self, optimizer: DistributedOptimizer, wrapper: nn.Module | None) -> None:
         """Bind to the optimizer; without the DDP wrapper, start all ranks from rank 0's
         parameters and buffers, as the wrapper does at construction."""
         if self._optimizer is not None and self._optimizer is not optimizer:
             raise ValueError(f"This {type(self).__name__} already serves another optimizer.")
+        if any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
+            raise TypeError(
+                f"{type(self).__name__} cannot train DTensor (fully_shard) parameters; use "
+                "distributed='auto' or 'fsdp2'."
+            )
         self._optimizer = optimizer
         self.wrapped = wrapper is not None
         if wrapper is not None and self.group is None:
@@ -115,7 +110,7 @@ class Replicated(Distributor):
             with torch.no_grad():
                 broadcast_coalesced(tensors, src=src, group=self.group)
 
-    def before_step(self, optimizer: KroneckerOptimizer) -> None:
+    def before_step(self, optimizer: DistributedOptimizer) -> None:
         """Refuse a GradScaler whose inf check saw local gradients; run the periodic check.
 
         A :meth:`reduce_gradients` call counts for the next ``step()`` only (skipped or not).
@@ -137,18 +132,18 @@ class Replicated(Distributor):
         if self.check_every is not None and optimizer.steps % self.check_every == 0:
             self.check_parameters(optimizer)
 
-    def reduce_gradients(self, optimizer: KroneckerOptimizer) -> None:
+    def reduce_gradients(self, optimizer: DistributedOptimizer) -> None:
         """Make the gradients global now (before a GradScaler or clipping reads them)."""
         self._reduced = None
         self._pre_reduced = False
         self._all_reduce(*self._gradients_to_reduce(optimizer))
-        grads, _ = gradients(optimizer)
+        grads, _ = optimizer.gradients()
         self._reduced = [weakref.ref(g) for g in grads]
 
-    def synchronize(self, optimizer: KroneckerOptimizer) -> None:
+    def synchronize(self, optimizer: DistributedOptimizer) -> None:
         """Gradients (unless already global) and due statistics, in shared buckets."""
         grads, grad_average = self._gradients_to_reduce(optimizer)
-        stats, stat_average, _ = statistics(optimizer, due_layers(optimizer))
+        stats, stat_average, _ = statistics(optimizer, optimizer.due_layers())
         self._all_reduce(grads + stats, grad_average + stat_average)
 
     def _all_reduce(self, tensors: list[Tensor], average: list[bool]) -> None:
@@ -162,17 +157,17 @@ class Replicated(Distributor):
         )()
 
     # --- gradients -----------------------------------------------------------------------
-    def _gradients_already_reduced(self, optimizer: KroneckerOptimizer) -> bool:
+    def _gradients_already_reduced(self, optimizer: DistributedOptimizer) -> bool:
         """Whether :meth:`reduce_gradients` ran on the current gradient tensors."""
         if self._reduced is None:
             return False
-        grads, _ = gradients(optimizer)
+        grads, _ = optimizer.gradients()
         return len(grads) == len(self._reduced) and all(
             ref() is g for g, ref in zip(grads, self._reduced, strict=True)
         )
 
     def _gradients_to_reduce(
-        self, optimizer: KroneckerOptimizer
+        self, optimizer: DistributedOptimizer
     ) -> tuple[list[Tensor], list[bool]]:
         """The gradients still to all-reduce, with their averaging flags: all of them
         without the wrapper; none if the wrapper averaged them (then the average is
@@ -183,16 +178,14 @@ class Replicated(Distributor):
         if self.world_size == 1:
             return [], []
         if self.wrapped:
-            for group in optimizer.param_groups:
-                if not average_over_ranks(group):
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            p.grad.mul_(self.world_size)
+            for grad, average in zip(*optimizer.gradients(), strict=True):
+                if not average:
+                    grad.mul_(self.world_size)
             return [], []
-        return gradients(optimizer)
+        return optimizer.gradients()
 
     # --- consistency ---------------------------------------------------------------------
-    def check_parameters(self, optimizer: KroneckerOptimizer) -> None:
+    def check_parameters(self, optimizer: DistributedOptimizer) -> None:
         """Raise ``RuntimeError`` if any parameter differs between ranks (a collective).
 
         Compares one float64 sum per parameter: the max and min over ranks must agree
@@ -207,7 +200,7 @@ class Replicated(Distributor):
         n = len(params)
         differ = (both[:n] != -both[n:]).nonzero().flatten().tolist()
         if differ:
-            names = [optimizer._param_names.get(params[i], f"#{i}") for i in differ]
+            names = [optimizer.param_name(params[i]) for i in differ]
             raise RuntimeError(
                 f"Parameters differ between ranks at step {optimizer.steps}: "
                 f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}. All ranks must "

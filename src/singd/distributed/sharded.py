@@ -11,7 +11,7 @@ One step on rank *r*:
 1. gradients become global (all-reduced without the DDP wrapper, as in
    :class:`~singd.distributed.replicated.Replicated`);
 2. at refresh steps, every rank's statistics of every due layer — *factor-free*
-   statistics (:mod:`singd.distributed.statistics`), since only owners hold K and C —
+   statistics (:mod:`singd.functional.statistics`), since only owners hold K and C —
    are **reduce-scattered**: each owner receives the reduced statistics of its own
    layers (half the traffic of an all-reduce), every other copy is dropped;
 3. the owner refreshes its layers' factors and preconditions their gradients;
@@ -41,31 +41,22 @@ factor (its matrix products), less for structured ones.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from singd.distributed.base import due_layers, statistics
+from singd.distributed.base import statistics
 from singd.distributed.collectives import (
     launch_all_gather,
     launch_all_reduce,
     launch_reduce_scatter,
 )
+from singd.distributed.protocol import DistributedOptimizer, KroneckerLayer
 from singd.distributed.replicated import Replicated
 
-if TYPE_CHECKING:
-    from singd.optim.base import KroneckerOptimizer, Layer
 
-
-def layer_cost(optimizer: KroneckerOptimizer, layer: Layer) -> float:
+def layer_cost(optimizer: DistributedOptimizer, layer: KroneckerLayer) -> float:
     """The balancing cost of a layer (module docstring)."""
-    plan = optimizer.preconditioners[layer.name].plan
-    return sum(
-        float(structure.num_stored(dim)) ** 1.5
-        for structure, dim in ((plan.structure_K, plan.d_K), (plan.structure_C, plan.d_C))
-    )
+    return sum(float(n) ** 1.5 for n in optimizer.factor_sizes(layer))
 
 
 class Sharded(Replicated):
@@ -100,7 +91,7 @@ class Sharded(Replicated):
         optimizer = self._optimizer
         if optimizer is None:
             raise RuntimeError("The distributor is not attached to an optimizer.")
-        new = [layer for name, layer in optimizer._layers.items() if name not in self._owner]
+        new = [layer for name, layer in optimizer.layers.items() if name not in self._owner]
         costs = [layer_cost(optimizer, layer) for layer in new]
         for i in sorted(range(len(new)), key=lambda i: (-costs[i], i)):
             rank = min(range(self.world_size), key=lambda r: (self._load[r], r))
@@ -117,7 +108,7 @@ class Sharded(Replicated):
         return self.owner(layer_name) == self.rank
 
     # --- hooks ---------------------------------------------------------------------------
-    def synchronize(self, optimizer: KroneckerOptimizer) -> None:
+    def synchronize(self, optimizer: DistributedOptimizer) -> None:
         """Global gradients everywhere; each due layer's statistics on its owner only."""
         grads, grad_average = self._gradients_to_reduce(optimizer)
         finish_gradients = launch_all_reduce(
@@ -128,7 +119,7 @@ class Sharded(Replicated):
             bucket_bytes=self.bucket_bytes,
             overlap=self.overlap,
         )
-        layers = due_layers(optimizer)
+        layers = optimizer.due_layers()
         tensors, average, layer_index = statistics(optimizer, layers)
         owners = [self.owner(layers[i].name) for i in layer_index]
         finish_statistics = launch_reduce_scatter(
@@ -144,40 +135,33 @@ class Sharded(Replicated):
         finish_statistics()
         for layer in layers:
             if not self.owns(layer.name):
-                optimizer.preconditioners[layer.name].drop_statistics()
+                optimizer.drop_statistics(layer)
 
     def share_updates(
-        self, optimizer: KroneckerOptimizer, updates: dict[str, Tensor]
+        self,
+        optimizer: DistributedOptimizer,
+        updates: dict[str, Tensor],
+        grads: dict[str, Tensor],
     ) -> dict[str, Tensor]:
-        """All-gather the owners' natural gradients (shapes ``[d_C, d_K]``, the gradient's
-        dtype and device, which every rank knows)."""
-        layers = [layer for layer in optimizer._layers.values() if layer.weight.grad is not None]
-        owners = [self.owner(layer.name) for layer in layers]
-        shapes, dtypes, devices = [], [], []
-        for layer in layers:
-            d_K, d_C = layer.adapter.factor_dims(layer.module)
-            grad = layer.weight.grad
-            assert grad is not None
-            shapes.append(torch.Size((d_C, d_K)))
-            dtypes.append(grad.dtype)
-            devices.append(grad.device)
-        own = [updates[layer.name] for layer in layers if self.owns(layer.name)]
+        """All-gather the owners' natural gradients (shaped, typed and placed like the
+        gradient matrices, which every rank holds)."""
+        names = list(grads)
         result, finish = launch_all_gather(
-            own,
-            shapes,
-            dtypes,
-            devices,
-            owners,
+            [updates[name] for name in names if self.owns(name)],
+            [grads[name].shape for name in names],
+            [grads[name].dtype for name in names],
+            [grads[name].device for name in names],
+            [self.owner(name) for name in names],
             rank=self.rank,
             world_size=self.world_size,
             group=self.group,
             overlap=self.overlap,
         )
         finish()
-        return {layer.name: t for layer, t in zip(layers, result, strict=True) if t is not None}
+        return {name: t for name, t in zip(names, result, strict=True) if t is not None}
 
     def gather_layer_states(
-        self, optimizer: KroneckerOptimizer, states: dict[str, dict[str, Tensor]]
+        self, optimizer: DistributedOptimizer, states: dict[str, dict[str, Tensor]]
     ) -> dict[str, dict[str, Tensor]]:
         """Every layer's checkpoint tensors, from their owners (a collective).
 
@@ -199,6 +183,6 @@ class Sharded(Replicated):
             if rank == self.rank or part is None:
                 continue
             for name, state in part.items():
-                device = optimizer._layers[name].weight.device
+                device = optimizer.layers[name].weight.device
                 merged[name] = {k: v.to(device) for k, v in state.items()}
         return merged

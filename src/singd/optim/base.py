@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -130,9 +131,51 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         return self._distributor
 
     @property
-    def layer_names(self) -> list[str]:
-        """Names of the layers with Kronecker factors, in registration order."""
-        return list(self._preconditioners)
+    def layers(self) -> Mapping[str, Layer]:
+        """Every layer with Kronecker factors, by name, in registration order (read-only)."""
+        return MappingProxyType({name: pre.layer for name, pre in self._preconditioners.items()})
+
+    def statistics(self, layer: Layer) -> tuple[list[Tensor], list[bool]]:
+        """A due layer's live accumulators (reduced in place over ranks) and their AVG
+        (True) / SUM (False) flags: the input side averaged; the output side averaged
+        unless the loss is summed (``loss_average=None``; ``docs/distributed.md``)."""
+        input_side, output_side = self._preconditioners[layer.name].statistics()
+        averaged = self.group_of(layer.name)["loss_average"] is not None
+        flags = [True] * len(input_side) + [averaged] * len(output_side)
+        return [*input_side, *output_side], flags
+
+    def drop_statistics(self, layer: Layer) -> None:
+        """Forget a layer's accumulators (another rank refreshes it)."""
+        self._preconditioners[layer.name].drop_statistics()
+
+    def gradients(self) -> tuple[list[Tensor], list[bool]]:
+        """The gradients of every parameter this optimizer updates (Kronecker layers and
+        the fallback), in param-group order, with their AVG (True) / SUM (False) flags.
+
+        Raises:
+            RuntimeError: For sparse gradients (they cannot be reduced over ranks).
+        """
+        grads: list[Tensor] = []
+        average: list[bool] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(
+                            "Sparse gradients cannot be reduced over ranks; use dense gradients."
+                        )
+                    grads.append(p.grad)
+                    average.append(group["loss_average"] is not None)
+        return grads, average
+
+    def factor_sizes(self, layer: Layer) -> tuple[int, int]:
+        """The numbers of stored entries of the layer's two factors (K and C)."""
+        plan = self._preconditioners[layer.name].plan
+        return plan.structure_K.num_stored(plan.d_K), plan.structure_C.num_stored(plan.d_C)
+
+    def param_name(self, param: Tensor) -> str:
+        """The name of a parameter in the model (``"?"`` if it is not the model's)."""
+        return self._param_names.get(param, "?")  # type: ignore[call-overload]
 
     @property
     def state_key(self) -> str:
@@ -269,7 +312,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
             name: self._preconditioners[name].precondition(G)
             for name, G in self._distributor.owned_gradients(self, grads).items()
         }
-        updates = self._distributor.share_updates(self, owned)
+        updates = self._distributor.share_updates(self, owned, grads)
         return {name: (G, updates[name]) for name, G in grads.items()}
 
     def synchronize_gradients(self) -> None:

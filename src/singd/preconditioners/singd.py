@@ -2,14 +2,13 @@ r"""SINGD's per-layer preconditioner: factors K, C, momenta m_K, m_C, accumulato
 
 At refresh steps the hooks accumulate :math:`H_K = \hat\Pi(K^\top U K)` and
 :math:`H_C = \hat\Pi(C^\top G C)` (in the sharded mode the factor-free statistics
-of :mod:`singd.distributed.statistics`, sandwiched by the owner at the refresh);
+of :mod:`singd.functional.statistics`, sandwiched by the owner at the refresh);
 the refresh is :func:`singd.functional.update_factors`, the preconditioning
 :math:`C C^\top \nabla W K K^\top` (:func:`singd.functional.natural_gradient`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -17,9 +16,14 @@ import torch
 from torch import Tensor
 
 from singd.config import dtype_name
-from singd.distributed.statistics import input_statistic, output_statistic, sandwich
 from singd.functional import FactorHyperparams, FactorState, natural_gradient, update_factors
-from singd.layers import grad_output_diagonal, grad_output_matrix, input_matrix
+from singd.functional.statistics import (
+    input_curvature,
+    input_statistic,
+    output_curvature,
+    output_statistic,
+    sandwich,
+)
 from singd.preconditioners.base import LayerPreconditioner
 from singd.structures import StructuredMatrix
 
@@ -28,43 +32,6 @@ if TYPE_CHECKING:
     from singd.optim.layer_registry import Layer
 
 FACTOR_NAMES = ("K", "C", "m_K", "m_C")
-
-
-def input_curvature(K: StructuredMatrix, layer: Layer, x: Tensor, approx: str) -> StructuredMatrix:
-    r""":math:`H_K = \hat\Pi(K^\top A^\top A K)` from the layer input.
-
-    A diagonal K (``inner_needs_only_diagonal``) needs only
-    :math:`\operatorname{diag}(A^\top A)`, which adapters compute without forming
-    :math:`A` (unfolded convolution patches, one-hot embedding inputs).
-    """
-    if x.is_floating_point():  # (embedding inputs are indices)
-        x = x.to(K.dtype)
-    if K.inner_needs_only_diagonal:
-        return K.from_inner_diagonal(layer.adapter.input_diagonal(layer.module, x, approx))
-    return K.from_inner(input_matrix(layer.adapter, layer.module, x, approx).T)
-
-
-def output_curvature(
-    C: StructuredMatrix,
-    layer: Layer,
-    g: Tensor,
-    approx: str,
-    loss_average: str | None,
-    previous_scale: float = 1.0,
-) -> StructuredMatrix:
-    r""":math:`H_C = \hat\Pi(C^\top G_m^\top G_m C) / s_{t-1}` from the output gradient.
-
-    A diagonal C (``inner_needs_only_diagonal``) needs only
-    :math:`\operatorname{diag}(G_m^\top G_m)`, computed without forming :math:`G_m`.
-    :math:`s_{t-1}` is the previous gradient scale.
-    """
-    if C.inner_needs_only_diagonal:
-        diag = grad_output_diagonal(layer.adapter, layer.module, g, approx, loss_average)
-        return C.from_inner_diagonal(diag / previous_scale if previous_scale != 1.0 else diag)
-    Gm = grad_output_matrix(layer.adapter, layer.module, g, approx, loss_average)
-    if previous_scale != 1.0:
-        Gm = Gm / math.sqrt(previous_scale)
-    return C.from_inner(Gm.T)
 
 
 def restore_factor(like: StructuredMatrix, saved: Mapping[str, Tensor]) -> StructuredMatrix:
@@ -117,21 +84,18 @@ class SINGDPreconditioner(LayerPreconditioner):
         approx, loss_average = plan.approx, plan.loss_average_name
         g = g.to(self.dtype_C)
         # The hook divides by √s_{t−1} (singd.amp): squares carry 1/s_{t−1}.
+        adapter, module = layer.adapter, layer.module
         if not self.factor_free_statistics:
             state = self.factors()
-            H_K = input_curvature(state.K, layer, x, approx)
-            H_C = output_curvature(state.C, layer, g, approx, loss_average, previous_scale)
-        else:  # sharded: the owner forms H from the reduced U, G (singd.distributed.statistics)
+            H_K = input_curvature(state.K, adapter, module, x, approx)
+            H_C = output_curvature(
+                state.C, adapter, module, g, approx, loss_average, previous_scale
+            )
+        else:  # sharded: the owner forms H from the reduced U, G (singd.functional.statistics)
             x = x.to(self.dtype_K) if x.is_floating_point() else x
-            H_K = input_statistic(plan.structure_K, layer.adapter, layer.module, x, approx)
+            H_K = input_statistic(plan.structure_K, adapter, module, x, approx)
             H_C = output_statistic(
-                plan.structure_C,
-                layer.adapter,
-                layer.module,
-                g,
-                approx,
-                loss_average,
-                previous_scale,
+                plan.structure_C, adapter, module, g, approx, loss_average, previous_scale
             )
         if self.H_K is None or self.H_C is None:
             self.H_K, self.H_C = H_K, H_C
