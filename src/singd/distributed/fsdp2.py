@@ -175,8 +175,8 @@ class FSDP2(Sharded):
     def synchronize(self, optimizer: DistributedOptimizer) -> None:
         """Sum instead of average for ``loss_average=None``; statistics onto their owners."""
         if self.data_parallel_size > 1:
-            for grad, average in zip(*optimizer.gradients(), strict=True):
-                if not average:
+            for grad, averaged in zip(*optimizer.gradients(), strict=True):
+                if not averaged:
                     grad.mul_(self.data_parallel_size)
         layers = optimizer.due_layers()
         tensors, average, layer_index = statistics(optimizer, layers)

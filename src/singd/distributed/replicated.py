@@ -178,8 +178,8 @@ class Replicated(Distributor):
         if self.world_size == 1:
             return [], []
         if self.wrapped:
-            for grad, average in zip(*optimizer.gradients(), strict=True):
-                if not average:
+            for grad, averaged in zip(*optimizer.gradients(), strict=True):
+                if not averaged:
                     grad.mul_(self.world_size)
             return [], []
         return optimizer.gradients()
