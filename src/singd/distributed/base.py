@@ -38,6 +38,8 @@ ranks' parameters and factors stay identical.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -112,7 +114,7 @@ class Local(Distributor):
 
 # --- helpers on the protocol ---------------------------------------------------------------
 def statistics(
-    optimizer: DistributedOptimizer, layers: list[KroneckerLayer]
+    optimizer: DistributedOptimizer, layers: Sequence[KroneckerLayer]
 ) -> tuple[list[Tensor], list[bool], list[int]]:
     """The live accumulators of ``layers``, their AVG / SUM flags, and the index of the layer
     each belongs to (flattened over the layers, in order)."""

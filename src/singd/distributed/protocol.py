@@ -29,7 +29,7 @@ and gradients are averaged unless the loss is summed (``loss_average=None``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
@@ -69,7 +69,7 @@ class DistributedOptimizer(Protocol):
         order on every rank)."""
         ...
 
-    def due_layers(self) -> list[KroneckerLayer]:
+    def due_layers(self) -> Sequence[KroneckerLayer]:
         """The layers refreshed in this step: due (``steps % T == 0``) and with a gradient."""
         ...
 

@@ -45,7 +45,7 @@ from torch.autograd.profiler import record_function
 from singd.amp import GradScaleTracker, autocast_disabled, resolve_grad_scale
 from singd.capture import StatisticsCapture
 from singd.config import GroupConfig
-from singd.distributed import Distributor, resolve_distributor, unwrap_model
+from singd.distributed import Distributor, KroneckerLayer, resolve_distributor, unwrap_model
 from singd.functional import apply_parameter_step, kl_clip_factor
 from singd.optim.checkpoint import CheckpointMixin
 from singd.optim.fallback import fallback_step
@@ -135,7 +135,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         """Every layer with Kronecker factors, by name, in registration order (read-only)."""
         return MappingProxyType({name: pre.layer for name, pre in self._preconditioners.items()})
 
-    def statistics(self, layer: Layer) -> tuple[list[Tensor], list[bool]]:
+    def statistics(self, layer: KroneckerLayer) -> tuple[list[Tensor], list[bool]]:
         """A due layer's live accumulators (reduced in place over ranks) and their AVG
         (True) / SUM (False) flags: the input side averaged; the output side averaged
         unless the loss is summed (``loss_average=None``; ``docs/distributed.md``)."""
@@ -144,7 +144,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         flags = [True] * len(input_side) + [averaged] * len(output_side)
         return [*input_side, *output_side], flags
 
-    def drop_statistics(self, layer: Layer) -> None:
+    def drop_statistics(self, layer: KroneckerLayer) -> None:
         """Forget a layer's accumulators (another rank refreshes it)."""
         self._preconditioners[layer.name].drop_statistics()
 
@@ -168,7 +168,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
                     average.append(group["loss_average"] is not None)
         return grads, average
 
-    def factor_sizes(self, layer: Layer) -> tuple[int, int]:
+    def factor_sizes(self, layer: KroneckerLayer) -> tuple[int, int]:
         """The numbers of stored entries of the layer's two factors (K and C)."""
         plan = self._preconditioners[layer.name].plan
         return plan.structure_K.num_stored(plan.d_K), plan.structure_C.num_stored(plan.d_C)
