@@ -1,0 +1,219 @@
+r"""Whole-or-nothing optimizer steps without a host synchronisation.
+
+A step that would write inf or NaN anywhere must change nothing: not the parameters,
+not the momenta, not the factors, not the step counter. Deciding that on the host
+would cost a device synchronisation per step (reading a flag back), which the
+launch-bound step cannot afford. Instead a step is *computed out of place* and
+*committed branch-free*:
+
+1. Everything the step would write is computed into fresh tensors (new parameters,
+   new momentum buffers, new factors, new AdamW moments).
+2. :meth:`StepGuard.check` registers tensors that must be finite, under a label (a
+   layer name). :meth:`StepGuard.require_zero` adds a flag that must be 0
+   (``found_inf`` of a ``GradScaler``).
+3. :attr:`StepGuard.ok` reduces all of it **on the device** to one 0-dim bool:
+   one ``_foreach_norm(·, inf)`` over the checked tensors (max-abs: propagates
+   inf/NaN and never overflows, unlike a sum), ``isfinite`` and one ``index_add``
+   into a per-label failure count.
+4. :meth:`StepGuard.commit_` writes ``torch.where(ok, new, old)`` into each old
+   tensor (in place, one kernel per tensor, no branch on the host);
+   :meth:`StepGuard.select_` does the same into the new tensors (for state that is
+   replaced rather than overwritten, e.g. factor objects).
+5. :meth:`StepGuard.verdict` starts a non-blocking copy of the per-label counts to
+   the host and returns a :class:`Verdict`; host-side bookkeeping that a skipped
+   step must undo (the step counter, AdamW's step counts, gradient scales) is
+   registered with :meth:`StepGuard.on_skip` and runs when the verdict is read.
+
+:class:`VerdictQueue` holds the verdicts not read yet. ``poll(block=False)`` reads
+every verdict whose copy has completed, without waiting: on the CPU that is at once
+(there is no device to wait for), on an accelerator when the device has finished the
+step, checked with an event query. ``poll(block=True)`` waits (for ``state_dict()``
+and for reading the step counter). Each failed verdict issues one warning that names
+the step and the labels (layers) with inf/NaN, and runs its undo callbacks.
+
+The module knows nothing about optimizers, so batched or sharded step
+implementations use the same mechanism: check what they produce, commit with the
+same ``ok``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+_INDEX_CACHE: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+
+
+def _label_index(labels: list[int], device: torch.device) -> Tensor:
+    """The label of each checked tensor as a device tensor, cached: a step checks the same
+    tensors every time, and a fresh host-to-device copy per step would be avoidable work."""
+    key = (device, tuple(labels))
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        if len(_INDEX_CACHE) >= 64:
+            _INDEX_CACHE.clear()
+        index = _INDEX_CACHE[key] = torch.tensor(labels, device=device)
+    return index
+
+
+@dataclasses.dataclass
+class Verdict:
+    """The outcome of one guarded step, on its way to the host.
+
+    Attributes:
+        step: The step counter the step ran with.
+        labels: The labels the guard checked, in order.
+        counts: Per-label failure counts (host memory; filled when ``event`` completes).
+        event: The device event after the copy (None on the CPU: ready at once).
+        undo: Host bookkeeping to undo if the step failed.
+    """
+
+    step: int
+    labels: list[str]
+    counts: Tensor
+    event: torch.Event | None
+    undo: list[Callable[[], None]]
+
+    def ready(self) -> bool:
+        """Whether the counts have reached the host (never waits)."""
+        return self.event is None or self.event.query()
+
+    def failed(self) -> list[str]:
+        """The labels with inf/NaN (waits for the copy if it has not completed)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return [label for label, n in zip(self.labels, self.counts.tolist(), strict=True) if n]
+
+
+class StepGuard:
+    """The finiteness checks of one step and its branch-free commit (module docstring).
+
+    Args:
+        device: Where the flags live (the parameters' device).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self._labels: dict[str, int] = {}
+        self._checked: list[Tensor] = []
+        self._checked_label: list[int] = []
+        self._zero_flags: list[tuple[int, Tensor]] = []
+        self._undo: list[Callable[[], None]] = []
+        self._counts: Tensor | None = None
+        self._ok: Tensor | None = None
+
+    def _label(self, label: str) -> int:
+        if self._counts is not None:
+            raise RuntimeError("StepGuard: checks must be registered before ok is read.")
+        return self._labels.setdefault(label, len(self._labels))
+
+    def check(self, label: str, tensors: Iterable[Tensor]) -> None:
+        """Require every element of ``tensors`` to be finite; a failure names ``label``."""
+        index = self._label(label)
+        for t in tensors:
+            if t.numel():
+                self._checked.append(t)
+                self._checked_label.append(index)
+
+    def require_zero(self, label: str, flag: Tensor) -> None:
+        """Require ``flag`` (a 0-dim or 1-element tensor) to be 0, e.g. ``found_inf``."""
+        self._zero_flags.append((self._label(label), flag))
+
+    def on_skip(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` (host bookkeeping) if the step turns out to have failed."""
+        self._undo.append(undo)
+
+    @property
+    def counts(self) -> Tensor:
+        """Per-label failure counts (float32, on the device); computed once."""
+        if self._counts is None:
+            counts = torch.zeros(len(self._labels), dtype=torch.float32, device=self.device)
+            if self._checked:
+                # max-abs per tensor: inf/NaN propagate, finite values never overflow
+                norms = torch._foreach_norm(self._checked, float("inf"), dtype=torch.float32)
+                bad = (~torch.isfinite(torch.stack([n.to(self.device) for n in norms]))).float()
+                counts.index_add_(0, _label_index(self._checked_label, self.device), bad)
+            for index, flag in self._zero_flags:
+                counts[index] += (flag.to(self.device).reshape(()) != 0).float()
+            self._counts = counts
+            self._checked.clear()  # (do not keep the step's temporaries alive)
+        return self._counts
+
+    @property
+    def ok(self) -> Tensor:
+        """0-dim bool on the device: every check passed."""
+        if self._ok is None:
+            self._ok = (self.counts == 0).all()
+        return self._ok
+
+    def commit_(self, targets: Sequence[Tensor], new: Sequence[Tensor]) -> None:
+        """``target ← new`` if :attr:`ok`, else unchanged; in place, without a host branch."""
+        ok = self.ok
+        for target, value in zip(targets, new, strict=True):
+            torch.where(ok.to(target.device), value, target, out=target)
+
+    def select_(self, new: Sequence[Tensor], old: Sequence[Tensor]) -> None:
+        """``new ← old`` unless :attr:`ok`: the new tensors hold the committed values."""
+        ok = self.ok
+        for value, previous in zip(new, old, strict=True):
+            torch.where(ok.to(value.device), value, previous, out=value)
+
+    def verdict(self, step: int) -> Verdict:
+        """Start copying the outcome to the host (non-blocking on accelerators)."""
+        counts = self.counts
+        if counts.device.type == "cpu":
+            host, event = counts, None
+        else:
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            event = torch.Event(device=counts.device)
+            event.record()
+        return Verdict(step, list(self._labels), host, event, list(self._undo))
+
+
+class VerdictQueue:
+    """The verdicts of the steps not read yet, read in order (module docstring).
+
+    Args:
+        describe: Turns a failed verdict into the warning's text.
+    """
+
+    def __init__(self, describe: Callable[[Verdict, list[str]], str]) -> None:
+        self._pending: list[Verdict] = []
+        self._describe = describe
+        self.skipped: list[tuple[int, list[str]]] = []  # (step, labels) of every failed step
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def push(self, verdict: Verdict) -> None:
+        """Queue a verdict (its step has been committed on the device)."""
+        self._pending.append(verdict)
+
+    def poll(self, block: bool = False, stacklevel: int = 2) -> list[Verdict]:
+        """Read the verdicts that are ready (all of them if ``block``), in order.
+
+        For each failed one: warn (naming the step and the labels) and run its undo
+        callbacks, latest step first. Returns the failed verdicts.
+        """
+        failed: list[tuple[Verdict, list[str]]] = []
+        while self._pending and (block or self._pending[0].ready()):
+            verdict = self._pending.pop(0)
+            labels = verdict.failed()
+            if labels:
+                failed.append((verdict, labels))
+        for verdict, _ in reversed(failed):
+            for undo in reversed(verdict.undo):
+                undo()
+        for verdict, labels in failed:
+            self.skipped.append((verdict.step, labels))
+            warnings.warn(self._describe(verdict, labels), stacklevel=stacklevel + 1)
+        return [verdict for verdict, _ in failed]
+
+    def clear(self) -> None:
+        """Forget every pending verdict (after loading a checkpoint)."""
+        self._pending.clear()

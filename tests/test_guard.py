@@ -1,0 +1,118 @@
+"""The step guard (:mod:`singd.optim.guard`): device-side finiteness, branch-free commit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from singd.optim.guard import StepGuard, Verdict, VerdictQueue
+
+CPU = torch.device("cpu")
+
+
+def guarded_update(
+    new_values: dict[str, torch.Tensor],
+) -> tuple[StepGuard, dict[str, torch.Tensor]]:
+    """Targets (ones) and a guard that checked ``new_values`` and committed them."""
+    targets = {name: torch.ones_like(v) for name, v in new_values.items()}
+    guard = StepGuard(CPU)
+    for name, value in new_values.items():
+        guard.check(name, [value])
+    guard.commit_(list(targets.values()), list(new_values.values()))
+    return guard, targets
+
+
+def test_a_finite_step_is_committed_whole() -> None:
+    new = {"a": torch.full((3,), 2.0), "b": torch.full((2, 2), -1e38)}  # large, finite
+    guard, targets = guarded_update(new)
+    assert bool(guard.ok)
+    for name in new:
+        assert torch.equal(targets[name], new[name])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_one_non_finite_element_leaves_every_target_as_it_was(bad: float) -> None:
+    b = torch.full((5,), 3.0)
+    b[2] = bad
+    guard, targets = guarded_update({"a": torch.full((3,), 2.0), "b": b, "c": torch.zeros(0)})
+    assert not bool(guard.ok)
+    assert all(torch.equal(t, torch.ones_like(t)) for t in targets.values())
+    assert guard.verdict(step=7).failed() == ["b"]
+
+
+def test_half_precision_values_are_checked_in_their_own_range() -> None:
+    finite = torch.full((4,), 60000.0, dtype=torch.float16)
+    overflow = finite * 2  # inf in float16
+    guard, _ = guarded_update({"finite": finite, "overflow": overflow})
+    assert guard.verdict(0).failed() == ["overflow"]
+
+
+def test_found_inf_vetoes_the_step() -> None:
+    guard = StepGuard(CPU)
+    guard.check("layer", [torch.ones(2)])
+    guard.require_zero("found_inf (GradScaler)", torch.tensor([1.0]))
+    target = torch.zeros(2)
+    guard.commit_([target], [torch.ones(2)])
+    assert torch.equal(target, torch.zeros(2))
+    assert guard.verdict(0).failed() == ["found_inf (GradScaler)"]
+
+
+def test_select_keeps_the_old_values_in_the_new_tensors() -> None:
+    old, new = torch.zeros(3), torch.tensor([1.0, math.nan, 2.0])
+    guard = StepGuard(CPU)
+    guard.check("K", [new])
+    guard.select_([new], [old])
+    assert torch.equal(new, old)
+
+
+def test_checks_must_come_before_the_verdict() -> None:
+    guard = StepGuard(CPU)
+    assert bool(guard.ok)  # nothing checked: ok
+    with pytest.raises(RuntimeError, match="before ok is read"):
+        guard.check("late", [torch.ones(1)])
+
+
+def test_queue_warns_once_per_failed_step_naming_it_and_undoes_bookkeeping() -> None:
+    counter = {"steps": 0}
+
+    def describe(verdict: Verdict, labels: list[str]) -> str:
+        return f"step {verdict.step} skipped: {', '.join(labels)}"
+
+    queue = VerdictQueue(describe)
+    for step, value in enumerate([1.0, math.nan, 2.0]):
+        guard = StepGuard(CPU)
+        guard.check("fc1", [torch.tensor([value])])
+        counter["steps"] += 1
+        guard.on_skip(lambda: counter.__setitem__("steps", counter["steps"] - 1))
+        queue.push(guard.verdict(step))
+    assert len(queue) == 3
+    with pytest.warns(UserWarning, match="step 1 skipped: fc1") as record:
+        failed = queue.poll()  # CPU: every verdict is ready at once
+    assert len(record) == 1 and [v.step for v in failed] == [1]
+    assert counter["steps"] == 2 and len(queue) == 0
+    assert queue.skipped == [(1, ["fc1"])]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_guard_never_synchronises_with_the_device() -> None:
+    """Checking, committing and starting the verdict run with sync debugging set to error."""
+    device = torch.device("cuda")
+    targets = [torch.ones(100, device=device) for _ in range(3)]
+    new = [torch.full((100,), 2.0, device=device) for _ in range(3)]
+    new[1][5] = math.nan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):  # (the second time with the cached label index)
+            guard = StepGuard(device)
+            for i, value in enumerate(new):
+                guard.check(f"layer{i}", [value])
+            guard.require_zero("found_inf", torch.zeros(1, device=device))
+            guard.commit_(targets, new)
+            verdict = guard.verdict(step=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert verdict.failed() == ["layer1"]
+    assert all(torch.equal(t, torch.ones_like(t)) for t in targets)
