@@ -116,3 +116,26 @@ def test_guard_never_synchronises_with_the_device() -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert verdict.failed() == ["layer1"]
     assert all(torch.equal(t, torch.ones_like(t)) for t in targets)
+
+
+def test_an_in_place_rule_is_undone_unless_the_step_is_ok() -> None:
+    """guard_in_place: AdamW (which writes in place and creates its state) on a NaN gradient."""
+    from singd.functional.first_order import adamw_step
+
+    for grad, ok in ((torch.ones(3), True), (torch.tensor([1.0, math.nan, 1.0]), False)):
+        p = torch.full((3,), 0.5)
+        state: dict[str, torch.Tensor] = {}
+        guard = StepGuard(CPU)
+
+        def update(p: torch.Tensor = p, grad: torch.Tensor = grad, state: dict = state) -> None:
+            adamw_step([p], [grad], [state], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+
+        guard.guard_in_place("bias", [p], [state], update)
+        guard.finish()
+        assert bool(guard.ok) == ok
+        if ok:
+            assert not torch.equal(p, torch.full((3,), 0.5)) and float(state["step"]) == 1
+        else:  # as if AdamW never ran: parameter unchanged, moments and count zero
+            assert torch.equal(p, torch.full((3,), 0.5))
+            assert all(not t.any() for t in state.values())
+            assert guard.verdict(0).failed() == ["bias"]

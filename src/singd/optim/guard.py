@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -103,6 +104,8 @@ class StepGuard:
         self._checked_label: list[int] = []
         self._zero_flags: list[tuple[int, Tensor]] = []
         self._undo: list[Callable[[], None]] = []
+        self._restores: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._resets: list[Tensor] = []
         self._counts: Tensor | None = None
         self._ok: Tensor | None = None
 
@@ -157,10 +160,58 @@ class StepGuard:
             torch.where(ok.to(target.device), value, target, out=target)
 
     def select_(self, new: Sequence[Tensor], old: Sequence[Tensor]) -> None:
-        """``new ← old`` unless :attr:`ok`: the new tensors hold the committed values."""
+        """``new ← old`` unless :attr:`ok`: the new tensors hold the committed values.
+
+        Host tensors of a step on an accelerator (e.g. AdamW's ``step`` count, a CPU
+        scalar as in ``torch.optim``) cannot wait for the device's verdict: they keep
+        the new value, and their change is undone when the verdict is read.
+        """
         ok = self.ok
         for value, previous in zip(new, old, strict=True):
-            torch.where(ok.to(value.device), value, previous, out=value)
+            if value.device.type == "cpu" and self.device.type != "cpu":
+                delta = value - previous
+                self._undo.append(lambda value=value, delta=delta: value.sub_(delta))
+            else:
+                torch.where(ok.to(value.device), value, previous, out=value)
+
+    def guard_in_place(
+        self,
+        label: str,
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        update: Callable[[], None],
+    ) -> None:
+        """Run an in-place ``update`` of ``params`` and their ``states`` under the guard.
+
+        For rules that can only write in place (the fallback rules, also registered
+        ones): the parameters and their state tensors are copied first, ``update``
+        runs, its results are checked under ``label``, and :meth:`finish` puts the
+        copies back unless the step is :attr:`ok`. State tensors that ``update``
+        creates are set to zero unless ok (the value of an absent momentum or moment).
+        """
+        before = [dict(state) for state in states]
+        old = list(params) + [
+            t for state in before for t in state.values() if isinstance(t, Tensor)
+        ]
+        snapshot = torch._foreach_mul(old, 1) if old else []  # (x·1 = x, also -0 and NaN)
+        update()
+        current = list(params)
+        created: list[Tensor] = []
+        for state, previous in zip(states, before, strict=True):
+            current += [state[k] for k, t in previous.items() if isinstance(t, Tensor)]
+            created += [t for k, t in state.items() if k not in previous and isinstance(t, Tensor)]
+        self.check(label, [t for t in current + created if t.is_floating_point()])
+        self._restores.append((current, snapshot))
+        self._resets += created
+
+    def finish(self) -> None:
+        """Commit what :meth:`guard_in_place` ran: restore the copies unless :attr:`ok`."""
+        for current, snapshot in self._restores:
+            self.select_(current, snapshot)
+        for t in self._resets:
+            self.select_([t], [torch.zeros_like(t)])
+        self._restores.clear()
+        self._resets.clear()
 
     def verdict(self, step: int) -> Verdict:
         """Start copying the outcome to the host (non-blocking on accelerators)."""
