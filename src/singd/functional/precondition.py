@@ -25,8 +25,18 @@ from singd.structures.diagonal import DiagonalMatrix
 
 
 def natural_gradient(K: StructuredMatrix, C: StructuredMatrix, G: Tensor) -> Tensor:
-    r""":math:`C C^\top G K K^\top` for ``G`` of shape ``[d_o, d_K]``, in ``G``'s dtype."""
+    r""":math:`C C^\top G K K^\top` for ``G`` of shape ``[d_o, d_K]``, in ``G``'s dtype.
+
+    float16 factors are multiplied in float32: float16 tops out at 65504, which the
+    product of ordinary gradients with :math:`K K^\top` and :math:`C C^\top` exceeds
+    (inputs ×100 gave 95 631), while the factors themselves stay small. bfloat16 has
+    float32's range and is used as it is.
+    """
     out_dtype = G.dtype
+    if K.dtype == torch.float16:
+        K = K.to(torch.float32)
+    if C.dtype == torch.float16:
+        C = C.to(torch.float32)
     if isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix) and K.dtype == C.dtype:
         # Both diagonal: (c² ⊙ rows) ⊙ k² columns, memory-bound on the weights; scaled
         # in place, without a d_o × d_K outer product (a fresh temporary that size costs
@@ -39,9 +49,13 @@ def natural_gradient(K: StructuredMatrix, C: StructuredMatrix, G: Tensor) -> Ten
 
 
 def kfac_natural_gradient(P_K: Tensor, P_C: Tensor, G: Tensor) -> Tensor:
-    r""":math:`P_C G P_K` with the inverses :math:`P = (S + \lambda I)^{-1}` (KFAC)."""
+    r""":math:`P_C G P_K` with the inverses :math:`P = (S + \lambda I)^{-1}` (KFAC).
+
+    float16 inverses are multiplied in float32 (see :func:`natural_gradient`).
+    """
     out_dtype = G.dtype
-    return (P_C @ G.to(P_C.dtype) @ P_K.to(P_C.dtype)).to(out_dtype)
+    dtype = torch.float32 if P_C.dtype == torch.float16 else P_C.dtype
+    return (P_C.to(dtype) @ G.to(dtype) @ P_K.to(dtype)).to(out_dtype)
 
 
 @torch.no_grad()
@@ -83,6 +97,51 @@ def apply_parameter_step(
         torch._foreach_add_(buffers, directions)
         directions = buffers
     torch._foreach_add_(params, directions, alpha=-lr)
+
+
+@torch.no_grad()
+def parameter_step(
+    params: list[Tensor],
+    directions: list[Tensor],
+    buffers: list[Tensor] | None,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> tuple[list[Tensor], list[Tensor]]:
+    r"""The step of :func:`apply_parameter_step` out of place: ``(new μ, new m_μ)``.
+
+    Nothing is written: ``params`` and ``buffers`` keep their values, so the caller can
+    commit the new values or keep the old ones (:mod:`singd.optim.guard`). The
+    ``directions`` are consumed (their storage holds the new buffers), so they must
+    be the caller's own temporaries, never ``.grad``.
+
+    Args:
+        params: Parameters :math:`\mu`.
+        directions: Preconditioned gradients :math:`\Delta` (overwritten).
+        buffers: Momentum buffers :math:`m_\mu`, one per parameter (zeros for a
+            parameter without one yet: the same first step), or None if α₂ = 0.
+        lr: β₂.
+        momentum: α₂.
+        weight_decay: γ.
+
+    Returns:
+        The new parameters and the new buffers (an empty list if α₂ = 0).
+    """
+    if not params:
+        return [], []
+    if weight_decay != 0:
+        torch._foreach_add_(directions, params, alpha=weight_decay)
+    new_buffers: list[Tensor] = []
+    if momentum != 0:
+        if buffers is None:
+            raise ValueError("parameter_step: momentum ≠ 0 needs the momentum buffers.")
+        # m ← α₂ m + Δ + γμ (same rounding as buf.mul_(α₂).add_(Δ + γμ))
+        scaled = torch._foreach_mul(buffers, momentum)
+        torch._foreach_add_(scaled, directions)
+        new_buffers = scaled
+        directions = scaled
+    return torch._foreach_add(params, directions, alpha=-lr), new_buffers
 
 
 def kl_clip_factor(kl_terms: list[Tensor], *, lr: float, kl_clip: float) -> Tensor:
