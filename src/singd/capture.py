@@ -34,6 +34,10 @@ class StatisticsCapture:
         self._is_due = is_due
         self._on_statistics = on_statistics
         self._handles: dict[str, RemovableHandle] = {}
+        #: The layers whose forward hook has run at least once: a layer with a weight
+        #: gradient that is not in here is used without calling the module (e.g.
+        #: ``nn.MultiheadAttention.out_proj``); one in here was merely unused in a step.
+        self.fired: set[str] = set()
 
     def add(self, name: str, module: nn.Module) -> None:
         """Start capturing ``module`` under ``name``."""
@@ -44,6 +48,7 @@ class StatisticsCapture:
         def forward_hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
+            self.fired.add(name)
             if not (torch.is_grad_enabled() and isinstance(output, Tensor)):
                 return
             if not output.requires_grad or not self._is_due(name):
