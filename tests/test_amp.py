@@ -217,10 +217,13 @@ def test_non_finite_statistics_leave_factors_and_training_goes_on(optim_cls: typ
     optim.zero_grad()
     huge = X * 1e30  # AᵀA overflows float32; the output gradient is zero, so is ∇W
     (model(huge) * 0).sum().backward()
-    with pytest.warns(UserWarning, match=r"Layer '0'.*inf/NaN.*left as they were"):
-        optim.step()
+    params = [p.clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match=r"Step 1 skipped: inf/NaN in layer '0'.*as they were"):
+        optim.step()  # the whole step: factors, parameters and the counter as they were
     after = optim.state_dict()[optim._STATE_KEY]["layers"]["0"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters(), strict=True))
+    assert optim.steps == 1
     for _ in range(2):  # training goes on, and the warning is not repeated
         with warnings.catch_warnings():
             warnings.simplefilter("error")

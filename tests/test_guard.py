@@ -130,7 +130,7 @@ def test_an_in_place_rule_is_undone_unless_the_step_is_ok() -> None:
         def update(p: torch.Tensor = p, grad: torch.Tensor = grad, state: dict = state) -> None:
             adamw_step([p], [grad], [state], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
 
-        guard.guard_in_place("bias", [p], [state], update)
+        guard.guard_in_place(["bias"], [p], [state], update)
         guard.finish()
         assert bool(guard.ok) == ok
         if ok:

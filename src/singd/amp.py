@@ -61,6 +61,18 @@ class GradScaleTracker:
         """Drop :math:`s_t` of a skipped step: the retry observes its own scale."""
         self.scales.pop(step, None)
 
+    def rebase(self, provisional: int, corrected: int) -> None:
+        """Renumber after skipped steps were found late (:mod:`singd.optim.guard`).
+
+        The backward pass of the coming step ran as step ``provisional``, its hooks
+        dividing by :math:`s_{\text{provisional}-1}`; it is step ``corrected`` now,
+        so that scale becomes :math:`s_{\text{corrected}-1}`, and a scale injected
+        for the coming step moves with it.
+        """
+        shift = provisional - corrected
+        kept = {k: v for k, v in self.scales.items() if k >= provisional - 1}
+        self.scales = {k - shift: v for k, v in kept.items()}
+
     def h_c_unscale(self, step: int) -> float:
         """:math:`u = s_{t-1}/s_t^2`."""
         return self.previous(step) / self.scales[step] ** 2

@@ -12,6 +12,7 @@ from singd.functional.precondition import (
     kfac_natural_gradient,
     kl_clip_factor,
     natural_gradient,
+    parameter_step,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "kfac_natural_gradient",
     "kl_clip_factor",
     "natural_gradient",
+    "parameter_step",
     "resolve_lr_cov",
     "riemannian_gradients",
     "update_factors",

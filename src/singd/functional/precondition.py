@@ -139,9 +139,9 @@ def parameter_step(
         # m ← α₂ m + Δ + γμ (same rounding as buf.mul_(α₂).add_(Δ + γμ))
         scaled = torch._foreach_mul(buffers, momentum)
         torch._foreach_add_(scaled, directions)
-        new_buffers = scaled
-        directions = scaled
-    return torch._foreach_add(params, directions, alpha=-lr), new_buffers
+        new_buffers = list(scaled)
+        directions = new_buffers
+    return list(torch._foreach_add(params, directions, alpha=-lr)), new_buffers
 
 
 def kl_clip_factor(kl_terms: list[Tensor], *, lr: float, kl_clip: float) -> Tensor:

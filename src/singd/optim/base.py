@@ -5,23 +5,28 @@
 :class:`~singd.optim.layer_registry.LayerRegistry` finds them and the parameters
 that get the first-order *fallback* rule instead). Each layer has one
 :class:`~singd.preconditioners.LayerPreconditioner`; each param group a validated
-configuration (:mod:`singd.config`). ``step()``:
+configuration (:mod:`singd.config`). ``step()`` happens whole or not at all
+(:mod:`singd.optim.guard`), without a host synchronisation:
 
-1. the distribution strategy checks consistency (:mod:`singd.distributed`);
-2. the gradient scale :math:`s_t` is fixed (GradScaler protocol, :mod:`singd.amp`);
-   a step whose gradients hold inf/NaN is skipped and does not count;
-3. layers due for a refresh (``step % T == 0``) with a gradient but without
-   statistics are demoted to the fallback (their hooks never fired), with a warning;
-4. gradients and the due layers' statistics become global over ranks;
-5. the fallback rule updates the parameters without factors
-   (:mod:`singd.optim.fallback`);
-6. the due layers' preconditioners refresh; one device synchronisation checks all
-   of them for inf/NaN and undoes those that are not finite (warned once per layer);
-7. every layer with a gradient is preconditioned (each rank its own layers when
-   sharded; the strategy shares the results);
-8. per param group: optional KL clipping, then weight decay, heavy-ball momentum and
-   the learning rate (:func:`singd.functional.apply_parameter_step`);
-9. ``steps`` is incremented.
+1. verdicts of earlier steps that have reached the host are read (a skipped step
+   is taken off ``steps``, with a warning naming it and the layers);
+2. the distribution strategy checks consistency (:mod:`singd.distributed`);
+3. the gradient scale :math:`s_t` is fixed (GradScaler protocol, :mod:`singd.amp`)
+   and each due group's β₁ resolved (a raising schedule changes nothing);
+4. layers due for a refresh (``step % T == 0``) with a gradient but without
+   statistics are demoted to the fallback if their forward hook never ran (with a
+   warning), else left as they are (unused in this step);
+5. gradients and the due layers' statistics become global over ranks;
+6. the due layers' preconditioners refresh into new tensors; every layer with a
+   gradient is preconditioned (each rank its own layers when sharded; the
+   strategy shares the results);
+7. per param group: optional KL clipping, then weight decay, heavy-ball momentum and
+   the learning rate, out of place (:func:`singd.functional.parameter_step`);
+8. the fallback rules update the parameters without factors in place, under a
+   snapshot (:mod:`singd.optim.fallback`);
+9. one device-side verdict (every new tensor finite, every gradient's square finite
+   in float32, ``found_inf`` zero) commits all of it with ``torch.where``, or none;
+10. ``steps`` is incremented, and the verdict starts its way to the host.
 
 Statistics are captured at refresh steps by :mod:`singd.capture` hooks; phases are
 named for ``torch.profiler`` (:data:`PROFILER_LABELS`); checkpoints are
@@ -46,10 +51,11 @@ from singd.amp import GradScaleTracker, autocast_disabled, resolve_grad_scale
 from singd.capture import StatisticsCapture
 from singd.config import GroupConfig
 from singd.distributed import Distributor, KroneckerLayer, resolve_distributor, unwrap_model
-from singd.functional import apply_parameter_step, kl_clip_factor
+from singd.functional import kl_clip_factor, parameter_step
 from singd.optim.checkpoint import CheckpointMixin
-from singd.optim.fallback import fallback_step
+from singd.optim.fallback import find_fallback
 from singd.optim.groups import GroupConfigs
+from singd.optim.guard import StepGuard, Verdict, VerdictQueue
 from singd.optim.layer_registry import Layer, LayerGroupsMixin, LayerRegistry
 from singd.optim.validation import (
     BOUNDS,
@@ -58,7 +64,7 @@ from singd.optim.validation import (
     check_grad_scaler,
     resolve_lr_cov,
 )
-from singd.preconditioners import LayerPreconditioner, refresh_all
+from singd.preconditioners import LayerPreconditioner
 
 __all__ = ["PROFILER_LABELS", "KroneckerOptimizer", "Layer"]
 
@@ -119,7 +125,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         self._groups: GroupConfigs[GroupConfig] = GroupConfigs(self._validated_config)
         self._capture = StatisticsCapture(self._is_due, self._on_statistics)
         self._scales = GradScaleTracker(init_grad_scale)
-        self._warned_non_finite: set[str] = set()
+        self._verdicts = VerdictQueue(self._describe_skip)
         self.steps = 0
         super().__init__(params, defaults)
         self._distributor.attach(self, wrapper)
@@ -238,64 +244,260 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         return loss
 
     def _step(self) -> None:
+        # Earlier steps' verdicts that have reached the host (never waits): a step
+        # found skipped is taken off the step counter before this one is numbered.
+        corrected = self._read_verdicts()
         self._distributor.before_step(self)
         t = self.steps
+        scales_before = dict(self._scales.scales)
+        try:
+            self._guarded_step(t, corrected)
+        except BaseException:
+            self._scales.scales = scales_before  # an exception changes nothing
+            raise
+        self._read_verdicts(just_ran=(t, scales_before))  # on the CPU: this step's, at once
+
+    def _guarded_step(self, t: int, corrected: bool) -> None:
+        """Compute the whole step, then commit it only if all of it is finite.
+
+        Everything that can raise on the host (the gradient scale, the user's
+        ``lr_cov`` schedule) runs first; the refreshes, natural gradients and
+        parameter updates are computed out of place; the fallback rules, which write
+        in place, run last under a snapshot; then one device-side verdict commits all
+        of it or none (:mod:`singd.optim.guard`).
+        """
         grad_divisor = resolve_grad_scale(self, self._scales, t)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and float(found_inf) != 0.0:
-            warnings.warn(
-                f"Step {t} skipped: the gradients contain inf/NaN (found_inf from GradScaler); "
-                "it will be retried as the same step.",
-                stacklevel=3,
-            )
-            for pre in self._preconditioners.values():
-                pre.drop_statistics()
-            self._scales.forget(t)
-            return
-        self._check_statistics()
+        due = self._check_statistics(relaxed=corrected)
+        lr_covs = {  # (the user's schedule runs before anything changes)
+            index: self._lr_cov(index)
+            for index in {self._registry.group_of_layer[layer.name] for layer in due}
+        }
         self._distributor.synchronize(self)
-        fallback_step(
-            self.param_groups,
-            [self._config(i) for i in range(len(self.param_groups))],
-            self._registry.fallback_group,
-            self.state,
-            grad_divisor,
-        )
-        with record_function(PROFILER_LABELS["refresh"]):
-            self._refresh_due_layers(self._scales.h_c_unscale(t))
-        with record_function(PROFILER_LABELS["precondition"]):
-            natural_gradients = self._natural_gradients(grad_divisor)
+        guard = StepGuard(self._guard_device())
+        if found_inf is not None:
+            guard.require_zero("found_inf from the GradScaler", found_inf)
+        undo: list[Callable[[], None]] = []
+        try:
+            with record_function(PROFILER_LABELS["refresh"]):
+                h_c_unscale = self._scales.h_c_unscale(t)
+                replaced = self._refresh_layers(due, lr_covs, h_c_unscale, guard, undo)
+            with record_function(PROFILER_LABELS["precondition"]):
+                natural_gradients = self._natural_gradients(grad_divisor)
+            targets, values = self._parameter_updates(natural_gradients, guard)
+            self._guarded_fallback(guard, grad_divisor)
+        except BaseException:
+            guard.abort()
+            for restore in reversed(undo):
+                restore()
+            raise
+        guard.finish()
+        guard.commit_(targets, values)
+        for new, old in replaced:
+            guard.select_(new, old)
+        for pre in self._preconditioners.values():
+            pre.drop_statistics()  # (also those of layers not due after a correction)
+        self.steps += 1
+        self._scales.end_step(self.steps)
+        self._groups.invalidate()
+        self._verdicts.push(guard.verdict(t))
+
+    def _guard_device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def _lr_cov(self, index: int) -> float:
+        """β₁ of group ``index`` at this step (read live: a number or a schedule), checked."""
+        return resolve_lr_cov(self.param_groups[index]["lr_cov"], self.steps, table=self._BOUNDS)
+
+    def _refresh_layers(
+        self,
+        due: list[Layer],
+        lr_covs: dict[int, float],
+        h_c_unscale: float,
+        guard: StepGuard,
+        undo: list[Callable[[], None]],
+    ) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """Refresh the due layers this rank owns; return (new, old) state tensors.
+
+        A refresh writes new tensors (the old ones are kept until the commit); their
+        finiteness is checked under the layer's name.
+        """
+        replaced: list[tuple[list[Tensor], list[Tensor]]] = []
+        for layer in due:
+            if not self._distributor.owns(layer.name):
+                continue
+            pre = self._preconditioners[layer.name]
+            if not pre.has_statistics():
+                continue  # (unused in this step, or a correction of the schedule)
+            statistics = pre.statistics_snapshot()
+            old = pre.state_dict()
+            lr_cov = lr_covs[self._registry.group_of_layer[layer.name]]
+            _, restore = pre.refresh(lr_cov, h_c_unscale)
+
+            def undo_refresh(
+                pre: LayerPreconditioner = pre,
+                restore: Callable[[], None] = restore,
+                statistics: dict[str, Any] = statistics,
+            ) -> None:
+                restore()
+                pre.restore_statistics(statistics)
+
+            undo.append(undo_refresh)
+            new = pre.state_dict()
+            names = [k for k in new if k in old]
+            if any(new[k] is old[k] for k in names):
+                raise RuntimeError(
+                    f"The refresh of layer {layer.name!r} wrote its state in place; the step "
+                    "guard needs new tensors (the old ones are kept until the step commits)."
+                )
+            guard.check(f"layer {layer.name!r}", new.values())
+            replaced.append(([new[k] for k in names], [old[k] for k in names]))
+        return replaced
+
+    def _parameter_updates(
+        self, natural_gradients: dict[str, tuple[Tensor, Tensor]], guard: StepGuard
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """New values of the Kronecker layers' parameters and momentum buffers (not
+        written yet), checked under each layer's name; returns (targets, new values)."""
+        targets: list[Tensor] = []
+        values: list[Tensor] = []
         for index, group in enumerate(self.param_groups):
             config = self._config(index)
             params: list[Tensor] = []
             directions: list[Tensor] = []
             kl_terms: list[Tensor] = []
+            labels: list[str] = []
             for name, pre in self._preconditioners.items():
                 layer = pre.layer
-                if self._registry.group_of_layer[name] != index or layer.weight.grad is None:
+                if self._registry.group_of_layer[name] != index or name not in natural_gradients:
                     continue
                 G, update = natural_gradients[name]
+                guard.check_squares(f"layer {name!r}", [G])
                 if config.kl_clip is not None:
                     kl_terms.append((G * update).sum())
                 parts = layer.adapter.split_matrix(layer.module, update)
                 for p, d in zip(layer.params, parts, strict=True):
-                    if p.requires_grad and (p is layer.weight or p.grad is not None):
+                    if self._trains_with_factors(layer, p):
                         params.append(p)
-                        directions.append(d)
+                        directions.append(d.clone() if d is p.grad else d)
+                        labels.append(f"layer {name!r}")
+            if not params:
+                continue
             if kl_terms and config.kl_clip is not None:
                 nu = kl_clip_factor(kl_terms, lr=group["lr"], kl_clip=config.kl_clip)
                 directions = [d * nu.to(d.dtype) for d in directions]
-            apply_parameter_step(
+            buffers = None
+            if config.momentum != 0:
+                buffers = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:  # (zeros: the same first step)
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buffers.append(state["momentum_buffer"])
+            new_params, new_buffers = parameter_step(
                 params,
                 directions,
-                [self.state[p] for p in params],
+                buffers,
                 lr=group["lr"],
                 momentum=config.momentum,
                 weight_decay=config.weight_decay,
             )
-        self.steps += 1
-        self._scales.end_step(self.steps)
-        self._groups.invalidate()
+            for label, new_p in zip(labels, new_params, strict=True):
+                guard.check(label, [new_p])
+            for label, new_b in zip(labels, new_buffers, strict=False):
+                guard.check(label, [new_b])
+            targets += params + (buffers or [])
+            values += [*new_params, *new_buffers]
+        return targets, values
+
+    def _trains_with_factors(self, layer: Layer, p: Tensor) -> bool:
+        """Whether ``p`` (a parameter of ``layer``) gets the Kronecker update this step."""
+        return p.requires_grad and (p is layer.weight or p.grad is not None)
+
+    def _guarded_fallback(self, guard: StepGuard, grad_divisor: float) -> None:
+        """The fallback rules (in place) under the guard, per parameter name."""
+        for index, group in enumerate(self.param_groups):
+            config = self._config(index)
+            params = [
+                p
+                for p in group["params"]
+                if self._registry.fallback_group.get(p) == index and p.grad is not None
+            ]
+            if config.fallback is None or not params:
+                continue
+            grads = [p.grad if grad_divisor == 1.0 else p.grad / grad_divisor for p in params]
+            names = [f"parameter {self._param_names.get(p, '?')!r}" for p in params]
+            for name, g in zip(names, grads, strict=True):
+                guard.check_squares(name, [g])  # type: ignore[list-item]
+            rule = find_fallback(config.fallback)
+            states = [self.state[p] for p in params]
+            lr = group["lr"]
+
+            def update(
+                rule: Any = rule,
+                params: list[Tensor] = params,
+                grads: list[Tensor] = grads,  # type: ignore[assignment]
+                states: list[dict[str, Any]] = states,
+                config: GroupConfig = config,
+                lr: float = lr,
+            ) -> None:
+                rule(params, grads, states, config, lr)
+
+            guard.guard_in_place(names, params, states, update)
+
+    def _read_verdicts(
+        self, just_ran: tuple[int, dict[int, float]] | None = None, block: bool = False
+    ) -> bool:
+        """Read the verdicts of earlier steps that are ready; undo the skipped ones.
+
+        Each skipped step is taken off ``steps``. Gradient scales (keyed by step):
+
+        * ``just_ran`` = (t, scales before it): read right after step t, before the next
+          backward pass. If step t itself was skipped, the scales are as before it
+          (without :math:`s_t`: the retry observes its own scale).
+        * otherwise the skipped steps are taken out of the numbering: the backward
+          pass of the coming step (which may have run) divided by the scale of the
+          last step that ran, which stays the previous scale of the coming step.
+
+        Returns:
+            Whether a step was found skipped.
+        """
+        failed = [v.step for v in self._verdicts.poll(block=block)]
+        if not failed:
+            return False
+        provisional = self.steps
+        self.steps -= len(failed)
+        if just_ran is not None and just_ran[0] in failed:
+            t, scales_before = just_ran
+            self._scales.scales = {k: v for k, v in scales_before.items() if k != t}
+            if len(failed) > 1:  # (earlier ones, found late on an accelerator)
+                self._scales.rebase(t, t - (len(failed) - 1))
+        else:
+            self._scales.rebase(provisional, self.steps)
+        return True
+
+    @staticmethod
+    def _describe_skip(verdict: Verdict, labels: list[str]) -> str:
+        return (
+            f"Step {verdict.step} skipped: inf/NaN in {', '.join(labels)}. Parameters, "
+            "momenta, factors and the step counter are as they were; the next step is "
+            f"step {verdict.step} again."
+        )
+
+    def wait_for_verdicts(self) -> list[tuple[int, list[str]]]:
+        """Wait until every step's inf/NaN verdict has reached the host; return the
+        (step, labels) of every step skipped so far.
+
+        On the CPU verdicts are read at the end of each ``step()``; on an accelerator
+        at the start of a later ``step()`` once the device has finished (checked
+        without waiting), so ``steps`` may count a skipped step until then. This
+        method, ``state_dict()`` and ``load_state_dict()`` wait for them.
+        """
+        self._read_verdicts(block=True)
+        return list(self._verdicts.skipped)
 
     def _natural_gradients(self, grad_divisor: float) -> dict[str, tuple[Tensor, Tensor]]:
         """(gradient matrix, natural gradient) of every layer with a gradient.
@@ -326,45 +528,34 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         """
         self._distributor.reduce_gradients(self)
 
-    def _refresh_due_layers(self, h_c_unscale: float) -> None:
-        """Refresh every due layer, then undo the refreshes that produced inf/NaN.
+    def _check_statistics(self, relaxed: bool = False) -> list[Layer]:
+        """The layers due for a refresh, after demoting those whose hooks never fire.
 
-        One device synchronisation for all layers. A layer whose statistics or new
-        factors are not finite keeps its previous factors; a warning names it once.
+        A due layer with a weight gradient but no statistics is
+
+        * demoted to the fallback (with a warning) if its forward hook has never run:
+          its weight is used without calling the module (``nn.MultiheadAttention``'s
+          ``out_proj``), so it can never get statistics;
+        * otherwise merely unused in this step (a multi-task head; ``zero_grad
+          (set_to_none=False)`` leaves it a zero gradient): it keeps its factors and
+          is refreshed at its next refresh step with statistics.
+
+        Raises:
+            RuntimeError: If no due layer has statistics (no backward pass ran since the
+                last step), unless ``relaxed`` (the schedule was just corrected for a
+                skipped step, after this backward pass was captured).
         """
-        todo: list[tuple[LayerPreconditioner, float]] = []
-        lr_covs: dict[int, float] = {}  # β₁ of each group at this step (read live)
-        for layer in self.due_layers():
-            if not self._distributor.owns(layer.name):
-                continue
-            index = self._registry.group_of_layer[layer.name]
-            if index not in lr_covs:
-                lr_covs[index] = self._lr_cov(index)
-            todo.append((self._preconditioners[layer.name], lr_covs[index]))
-        for name in (pre.name for pre in refresh_all(todo, h_c_unscale)):
-            if name not in self._warned_non_finite:
-                self._warned_non_finite.add(name)
-                warnings.warn(
-                    f"Layer {name!r}: its curvature statistics or factor update contain "
-                    f"inf/NaN at step {self.steps}; its factors are left as they were (this "
-                    "warning is shown once per layer).",
-                    stacklevel=4,
-                )
-
-    def _lr_cov(self, index: int) -> float:
-        """β₁ of group ``index`` at this step (read live: a number or a schedule), checked."""
-        return resolve_lr_cov(self.param_groups[index]["lr_cov"], self.steps, table=self._BOUNDS)
-
-    def _check_statistics(self) -> None:
         due = self.due_layers()
         missing = [layer for layer in due if not self._preconditioners[layer.name].has_statistics()]
-        if missing and len(missing) == len(due):
+        if missing and len(missing) == len(due) and not relaxed:
             raise RuntimeError(
                 f"step() was called at a refresh step (step {self.steps}) but no backward pass "
                 "ran through the model's layers since the last step, so there are no curvature "
                 "statistics. Call zero_grad(), then forward and backward, then step()."
             )
         for layer in missing:
+            if layer.name in self._capture.fired:
+                continue  # unused in this step: its factors stay as they are
             reason = (
                 "its weight has a gradient but its forward hook never fired (the weight is "
                 "used without calling the module, e.g. nn.MultiheadAttention.out_proj)"
@@ -372,6 +563,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
             warnings.warn(
                 f"Layer {layer.name!r} ({type(layer.module).__name__}): {reason}; its parameters "
                 f"move to the fallback rule ({self.group_of(layer.name)['fallback']}).",
-                stacklevel=3,
+                stacklevel=4,
             )
             self._demote(layer.name, reason)
+        return [layer for layer in due if layer.name in self._preconditioners]

@@ -12,10 +12,16 @@ same model (another process, another number of ranks).
 
 from __future__ import annotations
 
+import copy
+import warnings
 from abc import abstractmethod
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
+
+from singd.optim.state_checks import check_layer_state, check_parameter_states
+from singd.optim.validation import BOUNDS
 
 if TYPE_CHECKING:
     from singd.amp import GradScaleTracker
@@ -42,6 +48,10 @@ class CheckpointMixin(Optimizer):
         """Move a layer to the fallback rule (the skeleton implements it)."""
 
     @abstractmethod
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check and normalise a param group (the layer registry implements it)."""
+
+    @abstractmethod
     def _parse_group(self, index: int) -> None:
         """Validate param group ``index`` into its configuration (the skeleton does)."""
 
@@ -63,13 +73,20 @@ class CheckpointMixin(Optimizer):
             restored["lr_cov"] = current["lr_cov"]
         return restored
 
+    def wait_for_verdicts(self) -> list[tuple[int, list[str]]]:
+        """(The skeleton implements it: the verdicts of guarded steps, waited for.)"""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain Python values only; layers are keyed by module name.
 
-        With ``distributed="sharded"`` this is a collective (call it on every rank):
-        it gathers every layer's factors from their owners, so that the state dict of
+        Waits for the inf/NaN verdicts of the steps so far (on an accelerator), so the
+        saved step counter counts only the steps that were applied. With
+        ``distributed="sharded"`` this is a collective (call it on every rank): it
+        gathers every layer's factors from their owners, so that the state dict of
         rank 0 restores every rank.
         """
+        self.wait_for_verdicts()
         state = super().state_dict()
         state["param_groups"] = [self._plain_group(g) for g in state["param_groups"]]
         layers = {name: pre.state_dict() for name, pre in self._preconditioners.items()}
@@ -84,35 +101,124 @@ class CheckpointMixin(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (also one loaded with ``weights_only=True``).
 
+        Everything is checked before anything changes (:meth:`_check_state_dict`):
+        a refused checkpoint leaves the optimizer as it was.
+
         Raises:
-            ValueError: If it was saved by another optimizer type or for other layers.
+            ValueError: If it was saved by another optimizer type, for other layers or
+                parameters, or holds invalid hyper-parameters, tensors of the wrong
+                shape or inf/NaN; the message names the group, parameter or layer, the
+                tensor, and what was expected and found.
         """
-        if self._STATE_KEY not in state_dict:
-            raise ValueError(
-                f"This state dict was not saved by {type(self).__name__} "
-                f"(no {self._STATE_KEY!r} entry)."
-            )
-        own = state_dict[self._STATE_KEY]
+        self.wait_for_verdicts()
+        own, rest = self._check_state_dict(state_dict)
         for name, reason in own.get("fallback_layers", {}).items():
             if name in self._preconditioners:
                 self._demote(name, reason)
-        if set(own["layers"]) != set(self._preconditioners):
+        snapshot = (
+            [dict(g) for g in self.param_groups],
+            self.state,
+            self.steps,
+            dict(self._scales.scales),
+            {name: pre.state_dict() for name, pre in self._preconditioners.items()},
+        )
+        try:
+            super().load_state_dict(rest)
+            for index in range(len(self.param_groups)):
+                self._parse_group(index)
+            self.steps = int(own["steps"])
+            self._scales.scales = {int(k): float(v) for k, v in own["grad_scales"].items()}
+            for name, pre in self._preconditioners.items():
+                if self._distributor.owns(name):  # sharded: each rank keeps only its layers
+                    pre.load_state_dict(own["layers"][name])
+        except BaseException:  # (not expected after the checks: put everything back)
+            groups, self.state, self.steps, self._scales.scales, layers = snapshot
+            for group, saved in zip(self.param_groups, groups, strict=True):
+                group.clear()
+                group.update(saved)
+            for index in range(len(self.param_groups)):
+                self._parse_group(index)
+            for name, pre in self._preconditioners.items():
+                pre.load_state_dict(layers.get(name, {}))
+            raise
+
+    def _check_state_dict(self, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Check a whole checkpoint; return its own section and the torch part (with the
+        groups restored). Changes nothing.
+
+        Raises:
+            ValueError: As :meth:`load_state_dict` says.
+        """
+        kind = type(self).__name__
+        if not isinstance(state_dict, Mapping) or self._STATE_KEY not in state_dict:
             raise ValueError(
-                f"The checkpoint holds layers {sorted(own['layers'])}, this optimizer has "
-                f"{sorted(self._preconditioners)}."
+                f"This state dict was not saved by {kind} (no {self._STATE_KEY!r} entry)."
+            )
+        own = state_dict[self._STATE_KEY]
+        if not isinstance(own, Mapping):
+            raise ValueError(f"{self._STATE_KEY!r}: expected a dict, found {type(own).__name__}.")
+        for key, expected in (("steps", int), ("grad_scales", Mapping), ("layers", Mapping)):
+            value = own.get(key)
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise ValueError(
+                    f"{self._STATE_KEY!r}: {key!r} must be a {getattr(expected, '__name__', '')}"
+                    f", found {value!r}."
+                )
+        if own["steps"] < 0:
+            raise ValueError(f"{self._STATE_KEY!r}: 'steps' must be ≥ 0, found {own['steps']}.")
+        for step, scale in own["grad_scales"].items():
+            try:
+                BOUNDS["init_grad_scale"].check(scale, where=f"(grad scale of step {step})")
+                int(step)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{self._STATE_KEY!r}: {error}") from None
+        fallback_layers = own.get("fallback_layers", {})
+        if not isinstance(fallback_layers, Mapping) or not all(
+            isinstance(reason, str) for reason in fallback_layers.values()
+        ):
+            raise ValueError(
+                f"{self._STATE_KEY!r}: 'fallback_layers' must map layer names to reasons."
             )
         rest = {k: v for k, v in state_dict.items() if k != self._STATE_KEY}
-        if len(rest["param_groups"]) != len(self.param_groups):
-            raise ValueError("The checkpoint has a different number of param groups.")
-        rest["param_groups"] = [
-            self._restore_group(dict(saved), current)
-            for saved, current in zip(rest["param_groups"], self.param_groups, strict=True)
-        ]
-        super().load_state_dict(rest)
-        for index in range(len(self.param_groups)):
-            self._parse_group(index)
-        self.steps = int(own["steps"])
-        self._scales.scales = {int(k): float(v) for k, v in own["grad_scales"].items()}
-        for name, pre in self._preconditioners.items():
-            if self._distributor.owns(name):  # sharded: each rank keeps only its layers
-                pre.load_state_dict(own["layers"][name])
+        groups = rest.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            found = len(groups) if isinstance(groups, list) else repr(groups)
+            raise ValueError(
+                f"The checkpoint has {found} param groups, this optimizer {len(self.param_groups)}."
+            )
+        restored = []
+        for index, (saved, current) in enumerate(zip(groups, self.param_groups, strict=True)):
+            try:
+                if not isinstance(saved, Mapping):
+                    raise ValueError(f"expected a dict, found {type(saved).__name__}")
+                group = self._restore_group(dict(saved), current)
+                if len(group.get("params", ())) != len(current["params"]):
+                    raise ValueError(
+                        f"it has {len(group.get('params', ()))} parameters, this optimizer's "
+                        f"group {len(current['params'])}"
+                    )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (warnings come again when it is loaded)
+                    self._validate_group(copy.copy(group))
+            except (TypeError, ValueError, KeyError) as error:
+                raise ValueError(f"Param group {index} of the checkpoint: {error}") from None
+            restored.append(group)
+        layers = set(self._preconditioners) - set(fallback_layers)
+        if set(own["layers"]) != layers:
+            missing = sorted(layers - set(own["layers"]))
+            extra = sorted(set(own["layers"]) - layers)
+            raise ValueError(
+                f"The checkpoint holds the layers {sorted(own['layers'])}, this optimizer "
+                f"{sorted(layers)}"
+                + (f"; missing: {missing}" if missing else "")
+                + (f"; not in this optimizer: {extra}" if extra else "")
+                + ". Was it saved for another model?"
+            )
+        for name in layers:
+            shapes, optional = self._preconditioners[name].expected_state()
+            check_layer_state(name, own["layers"][name], shapes, optional)
+        rest["param_groups"] = restored
+        params = [p for group in self.param_groups for p in group["params"]]
+        names = [self._registry.param_names.get(p, f"#{i}") for i, p in enumerate(params)]
+        check_parameter_states(rest, params, names)
+        return dict(own), rest

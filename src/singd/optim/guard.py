@@ -39,6 +39,8 @@ same ``ok``.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -59,6 +61,18 @@ def _label_index(labels: list[int], device: torch.device) -> Tensor:
             _INDEX_CACHE.clear()
         index = _INDEX_CACHE[key] = torch.tensor(labels, device=device)
     return index
+
+
+_INTERNAL = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside singd and torch (the user's
+    ``optimizer.step()`` or ``scaler.step(optimizer)`` call), for warnings."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclasses.dataclass
@@ -102,6 +116,7 @@ class StepGuard:
         self._labels: dict[str, int] = {}
         self._checked: list[Tensor] = []
         self._checked_label: list[int] = []
+        self._squared: list[bool] = []
         self._zero_flags: list[tuple[int, Tensor]] = []
         self._undo: list[Callable[[], None]] = []
         self._restores: list[tuple[list[Tensor], list[Tensor]]] = []
@@ -114,13 +129,24 @@ class StepGuard:
             raise RuntimeError("StepGuard: checks must be registered before ok is read.")
         return self._labels.setdefault(label, len(self._labels))
 
-    def check(self, label: str, tensors: Iterable[Tensor]) -> None:
+    def check(self, label: str, tensors: Iterable[Tensor], *, squared: bool = False) -> None:
         """Require every element of ``tensors`` to be finite; a failure names ``label``."""
         index = self._label(label)
         for t in tensors:
             if t.numel():
                 self._checked.append(t)
                 self._checked_label.append(index)
+                self._squared.append(squared)
+
+    def check_squares(self, label: str, tensors: Iterable[Tensor]) -> None:
+        r"""Require the squares of ``tensors`` to be finite in float32: every entry below
+        :math:`\sqrt{\text{float32 max}} \approx 1.8 \cdot 10^{19}` in magnitude.
+
+        For gradients: the curvature statistics (:math:`g g^\top`) and AdamW's second
+        moment hold their squares, so a larger gradient (a loss ×1e30, inputs ×1e20)
+        would overflow them at the next refresh even where the step itself is finite.
+        """
+        self.check(label, tensors, squared=True)
 
     def require_zero(self, label: str, flag: Tensor) -> None:
         """Require ``flag`` (a 0-dim or 1-element tensor) to be 0, e.g. ``found_inf``."""
@@ -135,16 +161,40 @@ class StepGuard:
         """Per-label failure counts (float32, on the device); computed once."""
         if self._counts is None:
             counts = torch.zeros(len(self._labels), dtype=torch.float32, device=self.device)
-            if self._checked:
-                # max-abs per tensor: inf/NaN propagate, finite values never overflow
-                norms = torch._foreach_norm(self._checked, float("inf"), dtype=torch.float32)
-                bad = (~torch.isfinite(torch.stack([n.to(self.device) for n in norms]))).float()
-                counts.index_add_(0, _label_index(self._checked_label, self.device), bad)
+            for wide in (False, True):  # float64 tensors, and the others in float32
+                members = [
+                    i for i, t in enumerate(self._checked) if (t.dtype == torch.float64) == wide
+                ]
+                if members:
+                    counts.index_add_(
+                        0,
+                        _label_index([self._checked_label[i] for i in members], self.device),
+                        self._bad(members, wide),
+                    )
             for index, flag in self._zero_flags:
                 counts[index] += (flag.to(self.device).reshape(()) != 0).float()
             self._counts = counts
             self._checked.clear()  # (do not keep the step's temporaries alive)
+            self._checked_label.clear()
+            self._squared.clear()
         return self._counts
+
+    def _bad(self, members: list[int], wide: bool) -> Tensor:
+        """1.0 for each of the checked tensors ``members`` with inf/NaN (or an overflowing
+        square, where asked), as one float tensor on the device."""
+        tensors = [self._checked[i] for i in members]
+        # max-abs per tensor: inf/NaN propagate, finite values never overflow
+        if wide:
+            norms = torch._foreach_norm(tensors, float("inf"))
+        else:
+            norms = torch._foreach_norm(tensors, float("inf"), dtype=torch.float32)
+        values = torch.stack([n.to(self.device) for n in norms])
+        squared = [int(self._squared[i]) for i in members]
+        if any(squared):
+            # squares in float32's range (float64 too: the statistics are float32-sized)
+            squares = values.square().float().to(values.dtype)
+            values = torch.where(_label_index(squared, self.device) != 0, squares, values)
+        return (~torch.isfinite(values)).float()
 
     @property
     def ok(self) -> Tensor:
@@ -176,7 +226,7 @@ class StepGuard:
 
     def guard_in_place(
         self,
-        label: str,
+        labels: Sequence[str],
         params: list[Tensor],
         states: list[dict[str, Any]],
         update: Callable[[], None],
@@ -185,9 +235,10 @@ class StepGuard:
 
         For rules that can only write in place (the fallback rules, also registered
         ones): the parameters and their state tensors are copied first, ``update``
-        runs, its results are checked under ``label``, and :meth:`finish` puts the
-        copies back unless the step is :attr:`ok`. State tensors that ``update``
-        creates are set to zero unless ok (the value of an absent momentum or moment).
+        runs, each parameter's results are checked under its label, and
+        :meth:`finish` puts the copies back unless the step is :attr:`ok`. State
+        tensors that ``update`` creates are set to zero unless ok (the value of an
+        absent momentum or moment).
         """
         before = [dict(state) for state in states]
         old = list(params) + [
@@ -197,12 +248,23 @@ class StepGuard:
         update()
         current = list(params)
         created: list[Tensor] = []
-        for state, previous in zip(states, before, strict=True):
-            current += [state[k] for k, t in previous.items() if isinstance(t, Tensor)]
-            created += [t for k, t in state.items() if k not in previous and isinstance(t, Tensor)]
-        self.check(label, [t for t in current + created if t.is_floating_point()])
-        self._restores.append((current, snapshot))
+        for label, p, state, previous in zip(labels, params, states, before, strict=True):
+            mine = [state[k] for k, t in previous.items() if isinstance(t, Tensor)]
+            new = [t for k, t in state.items() if k not in previous and isinstance(t, Tensor)]
+            current += mine
+            created += new
+            self.check(label, [t for t in (p, *mine, *new) if t.is_floating_point()])
+        self._restores.append((current, list(snapshot)))
         self._resets += created
+
+    def abort(self) -> None:
+        """Put back what :meth:`guard_in_place` changed, unconditionally (the step raised)."""
+        for current, snapshot in self._restores:
+            torch._foreach_copy_(current, snapshot)
+        for t in self._resets:
+            t.zero_()
+        self._restores.clear()
+        self._resets.clear()
 
     def finish(self) -> None:
         """Commit what :meth:`guard_in_place` ran: restore the copies unless :attr:`ok`."""
@@ -245,7 +307,7 @@ class VerdictQueue:
         """Queue a verdict (its step has been committed on the device)."""
         self._pending.append(verdict)
 
-    def poll(self, block: bool = False, stacklevel: int = 2) -> list[Verdict]:
+    def poll(self, block: bool = False) -> list[Verdict]:
         """Read the verdicts that are ready (all of them if ``block``), in order.
 
         For each failed one: warn (naming the step and the labels) and run its undo
@@ -262,7 +324,7 @@ class VerdictQueue:
                 undo()
         for verdict, labels in failed:
             self.skipped.append((verdict.step, labels))
-            warnings.warn(self._describe(verdict, labels), stacklevel=stacklevel + 1)
+            warnings.warn(self._describe(verdict, labels), stacklevel=_caller_stacklevel())
         return [verdict for verdict, _ in failed]
 
     def clear(self) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -93,6 +93,18 @@ class LayerPreconditioner(ABC):
     def drop_statistics(self) -> None:
         """Drop the accumulators (a skipped step; another rank owns the layer)."""
 
+    #: The attributes that hold the accumulators (for :meth:`statistics_snapshot`).
+    ACCUMULATORS: tuple[str, ...] = ()
+
+    def statistics_snapshot(self) -> dict[str, Any]:
+        """The accumulators as they are (references), to put back if a step raises."""
+        return {name: getattr(self, name) for name in self.ACCUMULATORS}
+
+    def restore_statistics(self, snapshot: Mapping[str, Any]) -> None:
+        """Put back what :meth:`statistics_snapshot` returned."""
+        for name, value in snapshot.items():
+            setattr(self, name, value)
+
     # --- state -----------------------------------------------------------------------
     @abstractmethod
     def refresh(self, lr_cov: float, h_c_unscale: float) -> tuple[Tensor, Callable[[], None]]:
@@ -110,6 +122,11 @@ class LayerPreconditioner(ABC):
     @abstractmethod
     def state_dict(self) -> dict[str, Tensor]:
         """The state as named tensors (empty before the first allocation)."""
+
+    @abstractmethod
+    def expected_state(self) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
+        """(shape of every tensor :meth:`state_dict` holds, names that may be missing or
+        present though not held), for checking a checkpoint before loading it."""
 
     @abstractmethod
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:

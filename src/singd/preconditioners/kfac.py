@@ -30,6 +30,8 @@ STATE_NAMES = ("S_K", "S_C", "P_K", "P_C")
 class KFACPreconditioner(LayerPreconditioner):
     """S and P (allocated as S = I on first use) and the U, G accumulators of a layer."""
 
+    ACCUMULATORS = ("U", "G")
+
     config: KFACConfig
 
     def __init__(
@@ -111,6 +113,10 @@ class KFACPreconditioner(LayerPreconditioner):
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.state or {})
+
+    def expected_state(self) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
+        d_K, d_C = self.plan.d_K, self.plan.d_C
+        return {"S_K": (d_K, d_K), "S_C": (d_C, d_C), "P_K": (d_K, d_K), "P_C": (d_C, d_C)}, ()
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         self.state = None

@@ -43,6 +43,8 @@ def restore_factor(like: StructuredMatrix, saved: Mapping[str, Tensor]) -> Struc
 class SINGDPreconditioner(LayerPreconditioner):
     """Factors (allocated as K = I, C = I on first use) and the H accumulators of a layer."""
 
+    ACCUMULATORS = ("H_K", "H_C")
+
     config: SINGDConfig
 
     def __init__(
@@ -158,6 +160,25 @@ class SINGDPreconditioner(LayerPreconditioner):
                 for tensor_name, t in factor.tensors().items():
                     out[f"{factor_name}.{tensor_name}"] = t
         return out
+
+    def expected_state(self) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
+        plan = self.plan
+        shapes: dict[str, tuple[int, ...]] = {}
+        optional: list[str] = []
+        for factor_name, structure, dim in (
+            ("K", plan.structure_K, plan.d_K),
+            ("C", plan.structure_C, plan.d_C),
+            ("m_K", plan.structure_K, plan.d_K),
+            ("m_C", plan.structure_C, plan.d_C),
+        ):
+            template = structure.eye(dim, device="meta")  # (shapes only, nothing allocated)
+            names = [f"{factor_name}.{k}" for k in template.tensors()]
+            shapes.update(
+                {f"{factor_name}.{k}": tuple(t.shape) for k, t in template.tensors().items()}
+            )
+            if factor_name.startswith("m_") and self.config.alpha1 == 0:
+                optional += names  # (momenta saved with α₁ ≠ 0 are loaded, unused)
+        return shapes, tuple(optional)
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         self.state = None
