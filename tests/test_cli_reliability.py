@@ -180,7 +180,7 @@ def _tamper_history(ckpt: dict[str, Any]) -> None:
         (_tamper_epoch, "'epoch' must be a int, found str"),
         (_tamper_model_nan, "holds inf/NaN"),
         (_tamper_model_shape, "does not fit this run"),
-        (_tamper_optimizer_lr, "does not fit this run (damaged or edited?): lr (β₂)"),
+        (_tamper_optimizer_lr, "does not fit this run (damaged or edited?): Param group 0"),
         (_tamper_optimizer_layers, "does not fit this run"),
         (_tamper_hyperparameters, "momentum (α₂) must be a number in [0, 1), got 'high'"),
         (_tamper_history, "'history' must be a list of rows"),

@@ -437,3 +437,95 @@ def test_a_skip_found_one_step_late_corrects_the_counter(bad: int) -> None:
     pairs = zip(model.parameters(), reference_model.parameters(), strict=True)
     same = all(torch.equal(p, q) for p, q in pairs)
     assert same == (bad % T != 0)
+
+
+# --- every trainable parameter is trained, and print(optim) says so (item 4) -------------
+
+
+def train_steps(model: nn.Module, optim: Any, steps: int) -> None:
+    for i in range(steps):
+        X, y = batches(steps)[i]
+        optim.zero_grad()
+        clean(X, y, model)
+        optim.step()
+
+
+def untrained(model: nn.Module, before: dict[str, Tensor]) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+
+
+def copies(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["SINGD-dense", "KFAC"])
+def test_the_bias_of_a_frozen_weight_is_trained_by_the_fallback(name: str) -> None:
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    optim = OPTIMIZERS[name](model, T=1)
+    before = copies(model)
+    train_steps(model, optim, 3)
+    assert untrained(model, before) == []
+    assert torch.equal(model[0].weight, before["0.weight"])
+    row = next(line for line in repr(optim).splitlines() if line.startswith("0 "))
+    assert "weight (frozen), bias (adamw while the weight is frozen)" in row
+
+
+def test_with_fallback_none_the_untrained_bias_is_named() -> None:
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    optim = SINGD(model, fallback=None, warn_unsupported=False)
+    assert "not trained by this optimizer: 0.bias, 2.weight, 2.bias" in repr(optim)
+
+
+@pytest.mark.parametrize("name", ["SINGD-dense", "KFAC"])
+def test_a_layer_frozen_at_construction_and_unfrozen_later_is_trained(name: str) -> None:
+    model = mlp()
+    for p in model[3].parameters():
+        p.requires_grad_(False)
+    optim = OPTIMIZERS[name](model, T=1)
+    assert "weight (frozen), bias (frozen)" in repr(optim)
+    train_steps(model, optim, 1)
+    for p in model[3].parameters():
+        p.requires_grad_(True)
+    before = copies(model)
+    train_steps(model, optim, 2)
+    assert untrained(model, before) == []
+    assert "3" in optim.preconditioners and optim.preconditioners["3"].state_dict()
+
+
+@pytest.mark.parametrize("name", ["SINGD-dense", "KFAC"])
+def test_a_layer_added_to_the_model_later_joins_with_add_param_group(name: str) -> None:
+    model = mlp()
+    optim = OPTIMIZERS[name](model, T=1)
+    train_steps(model, optim, 1)
+    model.append(nn.Linear(3, 3))
+    optim.add_param_group({"params": list(model[4].parameters())})
+    assert "4" in optim.preconditioners
+    before = copies(model)
+    train_steps(model, optim, 2)
+    assert untrained(model, before) == []
+    assert any(line.startswith("4 ") and "Linear" in line for line in repr(optim).splitlines())
+
+
+@pytest.mark.parametrize("name", ["SINGD-dense", "KFAC"])
+def test_an_optimizer_built_on_a_meta_model_trains_the_materialised_one(name: str) -> None:
+    with torch.device("meta"):
+        model = mlp()
+    optim = OPTIMIZERS[name](model, T=1)
+    X = batches(1)[0][0]
+    with pytest.raises(RuntimeError, match=r"on the meta device .*model\.to_empty"):
+        model(X.to("meta")).sum().backward()
+        optim.step()
+    optim.zero_grad(set_to_none=True)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    before = copies(model)
+    train_steps(model, optim, 2)
+    assert untrained(model, before) == []  # the LayerNorm (fallback) too
+    assert all(
+        p in {q for g in optim.param_groups for q in g["params"]} for p in model.parameters()
+    )

@@ -110,8 +110,10 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
             init_grad_scale = grad_scaler.get_scale()
         self._registry = LayerRegistry(model, self._unsupported_reason)
         if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-            untrained = self._registry.untrained(params)
+            # Every parameter, frozen ones too (as AdamW(model.parameters())): a layer
+            # unfrozen later is trained; a frozen one costs nothing (no statistics).
+            params = list(model.parameters())
+            untrained = [p for p in self._registry.untrained(params) if p.requires_grad]
             if defaults["fallback"] is None:
                 params = [p for p in params if p in self._registry.layer_of_param]
                 if untrained and warn_unsupported:
@@ -129,6 +131,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         self.steps = 0
         super().__init__(params, defaults)
         self._distributor.attach(self, wrapper)
+        self._deferred = any(p.is_meta for g in self.param_groups for p in g["params"])
 
     # --- what the distribution strategies and checkpoint helpers read ------------------
     @property
@@ -190,8 +193,10 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
 
     # --- capture -----------------------------------------------------------------------
     def _is_due(self, layer_name: str) -> bool:
-        return (
-            layer_name in self._preconditioners
+        pre = self._preconditioners.get(layer_name)
+        return (  # (a frozen weight needs no statistics)
+            pre is not None
+            and pre.layer.weight.requires_grad
             and self.steps % self._layer_config(layer_name).T == 0
         )
 
@@ -247,6 +252,8 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         # Earlier steps' verdicts that have reached the host (never waits): a step
         # found skipped is taken off the step counter before this one is numbered.
         corrected = self._read_verdicts()
+        if self._deferred:
+            corrected = self._follow_materialised_parameters() or corrected
         self._distributor.before_step(self)
         t = self.steps
         scales_before = dict(self._scales.scales)
@@ -301,6 +308,43 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         self._scales.end_step(self.steps)
         self._groups.invalidate()
         self._verdicts.push(guard.verdict(t))
+
+    def _follow_materialised_parameters(self) -> bool:
+        """Built on a ``meta`` model: use the parameters ``model.to_empty()`` created.
+
+        Returns:
+            Whether statistics from passes on ``meta`` were dropped.
+
+        Raises:
+            RuntimeError: If the model is still on the ``meta`` device.
+        """
+        dropped = False
+        for pre in self._preconditioners.values():  # (passes on meta left no data)
+            if pre.has_statistics() and any(t.is_meta for t in pre.statistics()[0]):
+                pre.drop_statistics()
+                dropped = True
+            if any(t.is_meta for t in pre.state_dict().values()):
+                pre.load_state_dict({})  # (allocated again on the parameters' device)
+        current = dict(self.model.named_parameters())
+        still_meta = [name for name, p in current.items() if p.is_meta]
+        if still_meta:
+            raise RuntimeError(
+                f"The model's parameters are on the meta device (no data): {', '.join(still_meta)}."
+                " Materialise them before training (model.to_empty(device=...), then "
+                "initialise them); the optimizer follows the new parameters."
+            )
+        for group in self.param_groups:
+            for i, old in enumerate(group["params"]):
+                name = self._registry.param_names.get(old)
+                new = current.get(name) if name is not None else None
+                if new is None or new is old:
+                    continue
+                group["params"][i] = new
+                self._registry.replace(old, new)
+                if old in self.state:
+                    self.state[new] = self.state.pop(old)
+        self._deferred = False
+        return dropped
 
     def _guard_device(self) -> torch.device:
         for group in self.param_groups:
@@ -413,6 +457,17 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
             values += [*new_params, *new_buffers]
         return targets, values
 
+    def _orphans(self, index: int) -> list[Tensor]:
+        """Parameters of group ``index``'s layers with a gradient while the layer's
+        weight is frozen (a trainable bias): the fallback rule trains them."""
+        return [
+            p
+            for name, pre in self._preconditioners.items()
+            if self._registry.group_of_layer[name] == index and not pre.layer.weight.requires_grad
+            for p in pre.layer.params
+            if p is not pre.layer.weight and p.grad is not None
+        ]
+
     def _trains_with_factors(self, layer: Layer, p: Tensor) -> bool:
         """Whether ``p`` (a parameter of ``layer``) gets the Kronecker update this step."""
         return p.requires_grad and (p is layer.weight or p.grad is not None)
@@ -426,6 +481,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
                 for p in group["params"]
                 if self._registry.fallback_group.get(p) == index and p.grad is not None
             ]
+            params += self._orphans(index)
             if config.fallback is None or not params:
                 continue
             grads = [p.grad if grad_divisor == 1.0 else p.grad / grad_divisor for p in params]

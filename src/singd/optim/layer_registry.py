@@ -115,6 +115,30 @@ class LayerRegistry:
         self.fallback_group: dict[nn.Parameter, int] = {}
         self.demoted: dict[str, str] = {}  # layers moved to the fallback after construction
 
+    def rediscover(
+        self, model: nn.Module, unsupported_reason: Callable[[Layer], str | None]
+    ) -> None:
+        """Learn the parameters and layers added to ``model`` since (known ones keep
+        their entries: a demoted layer stays demoted)."""
+        layer_of_param, reasons = discover_layers(model, unsupported_reason)
+        for name, p in model.named_parameters():
+            if p in self.param_names:
+                continue
+            self.param_names[p] = name
+            if p in layer_of_param:
+                self.layer_of_param[p] = layer_of_param[p]
+            else:
+                self.fallback_reasons[p] = reasons.get(p, "no Kronecker adapter")
+
+    def replace(self, old: nn.Parameter, new: nn.Parameter) -> None:
+        """``new`` stands for ``old`` from now on (a parameter re-created by
+        ``model.to_empty()`` after initialisation on the ``meta`` device)."""
+        for table in (self.param_names, self.layer_of_param, self.fallback_reasons):
+            if old in table:
+                table[new] = table.pop(old)  # type: ignore[index]
+        if old in self.fallback_group:
+            self.fallback_group[new] = self.fallback_group.pop(old)
+
     def untrained(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
         """The parameters of ``params`` that have no Kronecker layer."""
         return [p for p in params if p not in self.layer_of_param]
@@ -201,24 +225,37 @@ class LayerRegistry:
             ("layer", "type", "parameters", "preconditioner", "state bytes")
         ]
         total = 0
+        untrained: list[str] = []
         for name, layer in self.layers.items():
             factors, nbytes = describe_layer(name)
             nbytes += state_bytes(layer.params)
             total += nbytes
-            params = ", ".join(
-                n.rsplit(".", 1)[-1] for n in (self.param_names[p] for p in layer.params)
-            )
+            rule = param_groups[self.group_of_layer[name]]["fallback"]
+            cells = []
+            for p in layer.params:
+                short = self.param_names[p].rsplit(".", 1)[-1]
+                if not p.requires_grad:
+                    cells.append(f"{short} (frozen)")
+                elif not layer.weight.requires_grad:  # a bias of a frozen weight
+                    cells.append(f"{short} ({rule} while the weight is frozen)")
+                    if rule is None:
+                        untrained.append(self.param_names[p])
+                else:
+                    cells.append(short)
+            params = ", ".join(cells)
             rows.append((name or "<model>", type(layer.module).__name__, params, factors, nbytes))
         for p, index in self.fallback_group.items():
             rule = param_groups[index]["fallback"]
             nbytes = state_bytes([p])
             total += nbytes
             reason = self.fallback_reasons.get(p, "")
-            rows.append((self.param_names.get(p, "?"), "fallback", str(rule), reason, nbytes))
-        untrained = [
+            rule_text = f"{rule}" if p.requires_grad else f"{rule} (frozen)"
+            rows.append((self.param_names.get(p, "?"), "fallback", rule_text, reason, nbytes))
+        in_layers = {p for layer in self.layers.values() for p in layer.params}
+        untrained += [
             name
             for p, name in self.param_names.items()
-            if p.requires_grad and p not in self.fallback_group and p not in self.layer_of_param
+            if p.requires_grad and p not in self.fallback_group and p not in in_layers
         ]
         widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
         lines = [
@@ -296,6 +333,12 @@ class LayerGroupsMixin(Optimizer):
             ValueError: For parameters of unsupported layers, split layers, or
                 invalid hyper-parameters.
         """
+        params = param_group.get("params", [])
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if any(p not in self._registry.param_names for p in params):
+            model = getattr(self, "model", None)  # (layers added to the model since)
+            if model is not None:
+                self._registry.rediscover(model, self._unsupported_reason)
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         try:
