@@ -48,6 +48,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: writing it writes the DTensor), else ``t``."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
 _INDEX_CACHE: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
 
 
@@ -117,6 +127,7 @@ class StepGuard:
         self._checked: list[Tensor] = []
         self._checked_label: list[int] = []
         self._squared: list[bool] = []
+        self._sharded = False
         self._zero_flags: list[tuple[int, Tensor]] = []
         self._undo: list[Callable[[], None]] = []
         self._restores: list[tuple[list[Tensor], list[Tensor]]] = []
@@ -130,9 +141,17 @@ class StepGuard:
         return self._labels.setdefault(label, len(self._labels))
 
     def check(self, label: str, tensors: Iterable[Tensor], *, squared: bool = False) -> None:
-        """Require every element of ``tensors`` to be finite; a failure names ``label``."""
+        """Require every element of ``tensors`` to be finite; a failure names ``label``.
+
+        DTensors (``fully_shard``) are checked by their local shards, and the counts are
+        then summed over all ranks (one all-reduce, no host synchronisation), so every
+        rank commits or skips the same step.
+        """
         index = self._label(label)
         for t in tensors:
+            if _is_dtensor(t):
+                self._sharded = True
+                t = t.to_local()  # type: ignore[attr-defined]
             if t.numel():
                 self._checked.append(t)
                 self._checked_label.append(index)
@@ -173,6 +192,8 @@ class StepGuard:
                     )
             for index, flag in self._zero_flags:
                 counts[index] += (flag.to(self.device).reshape(()) != 0).float()
+            if self._sharded and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(counts)  # (every rank: the same verdict)
             self._counts = counts
             self._checked.clear()  # (do not keep the step's temporaries alive)
             self._checked_label.clear()
@@ -207,6 +228,7 @@ class StepGuard:
         """``target ← new`` if :attr:`ok`, else unchanged; in place, without a host branch."""
         ok = self.ok
         for target, value in zip(targets, new, strict=True):
+            target, value = _local(target), _local(value)
             torch.where(ok.to(target.device), value, target, out=target)
 
     def select_(self, new: Sequence[Tensor], old: Sequence[Tensor]) -> None:
@@ -218,6 +240,7 @@ class StepGuard:
         """
         ok = self.ok
         for value, previous in zip(new, old, strict=True):
+            value, previous = _local(value), _local(previous)
             if value.device.type == "cpu" and self.device.type != "cpu":
                 delta = value - previous
                 self._undo.append(lambda value=value, delta=delta: value.sub_(delta))
@@ -244,7 +267,8 @@ class StepGuard:
         old = list(params) + [
             t for state in before for t in state.values() if isinstance(t, Tensor)
         ]
-        snapshot = torch._foreach_mul(old, 1) if old else []  # (x·1 = x, also -0 and NaN)
+        local = [_local(t) for t in old]  # (DTensors: their shards)
+        snapshot = torch._foreach_mul(local, 1) if local else []  # (x·1 = x, also -0 and NaN)
         update()
         current = list(params)
         created: list[Tensor] = []
@@ -260,7 +284,8 @@ class StepGuard:
     def abort(self) -> None:
         """Put back what :meth:`guard_in_place` changed, unconditionally (the step raised)."""
         for current, snapshot in self._restores:
-            torch._foreach_copy_(current, snapshot)
+            for target, saved in zip(current, snapshot, strict=True):
+                _local(target).copy_(_local(saved))
         for t in self._resets:
             t.zero_()
         self._restores.clear()
