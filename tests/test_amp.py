@@ -110,11 +110,7 @@ def test_injected_cyclic_scales_match_unscaled_run() -> None:
         optim.zero_grad()
         (scales[t % 4] * nn.functional.cross_entropy(model(X.double()), y)).backward()
         optim.set_current_grad_scale(scales[t % 4])
-        if t == 0:  # s₋₁ = 1 ≠ s₀: exact anyway, but the usual mistake is warned about
-            with pytest.warns(UserWarning, match="init_grad_scale"):
-                optim.step()
-        else:
-            optim.step()
+        optim.step()  # t = 0: s₋₁ = 1 ≠ s₀ is exact (float64 statistics: no warning)
     assert_params_close(
         params_of(model), run_plain(batches, model_dtype=torch.float64), torch.float64
     )
@@ -164,25 +160,71 @@ def test_unscale_then_clip_then_step() -> None:
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
 
 
-def test_unscale_without_attached_scaler_is_a_clear_error() -> None:
-    model = net()
-    scaler = torch.amp.GradScaler("cpu")
-    optim = SINGD(model, init_grad_scale=scaler.get_scale(), **HYPER)
-    X, y = data(1)[0]
-    scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
-    scaler.unscale_(optim)
-    with pytest.raises(RuntimeError, match=r"grad_scaler=scaler"):
-        scaler.step(optim)
-
-
-def test_init_grad_scale_mismatch_warns() -> None:
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_scaler_made_after_the_optimizer_unscale_clip_step(clip: float | None) -> None:
+    """accelerate / HF Trainer: no grad_scaler=, the scaler comes later, unscale_ always."""
+    batches = data(6)
     model = net()
     optim = SINGD(model, **HYPER)
-    X, y = data(1)[0]
-    (1024 * nn.functional.cross_entropy(model(X), y)).backward()
-    optim.set_current_grad_scale(1024.0)
-    with pytest.warns(UserWarning, match="init_grad_scale"):
-        optim.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    scales = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning either: nothing is left to the user
+        for X, y in batches:
+            optim.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
+            scales.append(scaler.get_scale())
+            scaler.unscale_(optim)
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            scaler.step(optim)
+            scaler.update()
+    assert len(set(scales)) > 2 and optim.steps == len(batches)
+    rtol, atol = TRAJECTORY_FLOAT32
+    for p, q in zip(params_of(model), run_plain(batches, clip=clip), strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+
+
+def test_scaler_made_after_the_optimizer_skips_inf_steps() -> None:
+    batches = data(4)
+    model = net()
+    optim = SINGD(model, **HYPER)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    poisoned = (batches[1][0].clone(), batches[1][1])
+    poisoned[0][0, 0, 0, 0] = float("inf")
+    for i, (X, y) in enumerate([batches[0], poisoned, *batches[1:]]):
+        optim.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
+        if i == 1:
+            with pytest.warns(UserWarning, match="Step 1 skipped"):
+                scaler.unscale_(optim)
+        else:
+            scaler.unscale_(optim)
+        scaler.step(optim)
+        scaler.update()
+    assert optim.steps == len(batches)
+    rtol, atol = TRAJECTORY_FLOAT32
+    for p, q in zip(params_of(model), run_plain(batches), strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+
+
+def test_optimizer_lets_frameworks_unscale_and_clip() -> None:
+    """Lightning refuses to clip for optimizers that declare they unscale internally."""
+    assert SINGD._step_supports_amp_scaling is False
+    assert KFAC._step_supports_amp_scaling is False
+
+
+def test_init_grad_scale_mismatch_warns_for_float16_statistics() -> None:
+    for dtype_C, warns in ((torch.float16, True), (None, False)):
+        model = net()
+        optim = SINGD(model, preconditioner_dtype=(None, dtype_C), **HYPER)
+        X, y = data(1)[0]
+        (1024 * nn.functional.cross_entropy(model(X), y)).backward()
+        optim.set_current_grad_scale(1024.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optim.step()
+        assert any("init_grad_scale" in str(w.message) for w in caught) == warns
 
 
 def test_accumulation_under_autocast_and_scaler() -> None:

@@ -71,6 +71,9 @@ class Distributor:
     def before_step(self, optimizer: DistributedOptimizer) -> None:
         """Checks at the start of ``step()`` (may raise)."""
 
+    def before_unscale(self, optimizer: DistributedOptimizer) -> None:
+        """Checks before a GradScaler reads and unscales the gradients (may raise)."""
+
     def reduce_gradients(self, optimizer: DistributedOptimizer) -> None:
         """Make the gradients global now (see ``synchronize_gradients``)."""
 

@@ -117,20 +117,25 @@ class Replicated(Distributor):
         """
         self._pre_reduced = self._gradients_already_reduced(optimizer)
         self._reduced = None
-        if (
-            not self.wrapped
-            and self.world_size > 1
-            and getattr(optimizer, "found_inf", None) is not None
-            and not self._pre_reduced
-        ):
-            raise RuntimeError(
-                "A GradScaler checked this step's gradients before they were reduced over the "
-                "ranks, so ranks could disagree on skipping it. Without the "
-                "DistributedDataParallel wrapper, call optimizer.synchronize_gradients() after "
-                "backward and before scaler.unscale_/scaler.step (or wrap the model in DDP)."
-            )
+        if getattr(optimizer, "found_inf", None) is not None and not self._pre_reduced:
+            self._refuse_local_scaler_check()
         if self.check_every is not None and optimizer.steps % self.check_every == 0:
             self.check_parameters(optimizer)
+
+    def before_unscale(self, optimizer: DistributedOptimizer) -> None:
+        """Refuse ``scaler.unscale_`` (also inside ``scaler.step``) on local gradients."""
+        if not self._gradients_already_reduced(optimizer):
+            self._refuse_local_scaler_check()
+
+    def _refuse_local_scaler_check(self) -> None:
+        if self.wrapped or self.world_size == 1:
+            return
+        raise RuntimeError(
+            "A GradScaler checked this step's gradients before they were reduced over the "
+            "ranks, so ranks could disagree on skipping it. Without the "
+            "DistributedDataParallel wrapper, call optimizer.synchronize_gradients() after "
+            "backward and before scaler.unscale_/scaler.step (or wrap the model in DDP)."
+        )
 
     def reduce_gradients(self, optimizer: DistributedOptimizer) -> None:
         """Make the gradients global now (before a GradScaler or clipping reads them)."""

@@ -12,16 +12,19 @@ from singd.layers.base import (
     input_matrix,
     register_adapter,
     scoped_registration,
+    register_adapter_by_name,
     supported_layer_types,
 )
 from singd.layers.conv import ConvAdapter
 from singd.layers.embedding import EmbeddingAdapter
 from singd.layers.linear import LinearAdapter
+from singd.layers.transformers_conv1d import CONV1D_CLASS, TransformersConv1DAdapter
 
 register_adapter(nn.Linear, LinearAdapter())
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_adapter(_conv, ConvAdapter())
 register_adapter(nn.Embedding, EmbeddingAdapter())
+register_adapter_by_name(CONV1D_CLASS, TransformersConv1DAdapter())  # GPT-2 (optional)
 
 __all__ = [
     "KFAC_APPROXIMATIONS",
@@ -30,11 +33,13 @@ __all__ = [
     "EmbeddingAdapter",
     "LayerAdapter",
     "LinearAdapter",
+    "TransformersConv1DAdapter",
     "find_adapter",
     "grad_output_diagonal",
     "grad_output_matrix",
     "input_matrix",
     "register_adapter",
     "scoped_registration",
+    "register_adapter_by_name",
     "supported_layer_types",
 ]

@@ -181,6 +181,9 @@ def num_loss_terms(shared: Tensor, loss_average: str | None) -> int:
 
 
 _ADAPTERS: dict[type[nn.Module], LayerAdapter[Any]] = {}
+#: Adapters for classes of optional libraries, keyed by ``"module.QualName"``: matched
+#: by name so that the library is never imported by singd itself.
+_ADAPTERS_BY_NAME: dict[str, LayerAdapter[Any]] = {}
 
 
 def register_adapter(module_type: type[M], adapter: LayerAdapter[M]) -> None:
@@ -192,11 +195,30 @@ def register_adapter(module_type: type[M], adapter: LayerAdapter[M]) -> None:
     _ADAPTERS[module_type] = adapter
 
 
+def register_adapter_by_name(qualified_name: str, adapter: LayerAdapter[Any]) -> None:
+    """Like :func:`register_adapter` for a class named ``"package.module.ClassName"``.
+
+    For layers of optional libraries (``transformers``' ``Conv1D``): the class is
+    matched by its ``__module__`` and ``__qualname__``, so registering it imports
+    nothing.
+    """
+    if not (isinstance(qualified_name, str) and "." in qualified_name):
+        raise ValueError(
+            f"Expected a dotted class name such as 'package.module.Class', got {qualified_name!r}."
+        )
+    if not isinstance(adapter, LayerAdapter):
+        raise TypeError(f"Expected a LayerAdapter instance, got {adapter!r}.")
+    _ADAPTERS_BY_NAME[qualified_name] = adapter
+
+
 def find_adapter(module: nn.Module) -> LayerAdapter[Any] | None:
     """The adapter registered for the closest type in ``module``'s MRO, or None."""
     for cls in type(module).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
+        by_name = _ADAPTERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if by_name is not None:
+            return by_name
     return None
 
 
@@ -204,14 +226,17 @@ def find_adapter(module: nn.Module) -> LayerAdapter[Any] | None:
 def scoped_registration() -> Iterator[None]:
     """Adapters registered inside the ``with`` block are removed (and replaced ones
     restored) at its end; for tests and notebooks."""
-    adapters = dict(_ADAPTERS)
+    adapters, by_name = dict(_ADAPTERS), dict(_ADAPTERS_BY_NAME)
     try:
         yield
     finally:
         _ADAPTERS.clear()
         _ADAPTERS.update(adapters)
+        _ADAPTERS_BY_NAME.clear()
+        _ADAPTERS_BY_NAME.update(by_name)
 
 
 def supported_layer_types() -> list[str]:
     """Names of the registered layer types."""
-    return sorted(cls.__name__ for cls in _ADAPTERS)
+    names = [cls.__name__ for cls in _ADAPTERS] + list(_ADAPTERS_BY_NAME)
+    return sorted(names)

@@ -47,7 +47,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
-from singd.amp import GradScaleTracker, autocast_disabled, resolve_grad_scale
+from singd.amp import (
+    GradScaleTracker,
+    autocast_disabled,
+    notify_unscale,
+    resolve_grad_scale,
+    scaler_found_inf,
+)
 from singd.capture import StatisticsCapture
 from singd.config import GroupConfig
 from singd.distributed import Distributor, KroneckerLayer, resolve_distributor, unwrap_model
@@ -82,7 +88,10 @@ PROFILER_LABELS: dict[str, str] = {
 class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
     """Base class: layers, hooks, group configurations and the step skeleton."""
 
-    _step_supports_amp_scaling = True  # GradScaler sets grad_scale/found_inf (torch convention)
+    #: False: ``scaler.step`` unscales the gradients and skips ``step()`` on inf/NaN
+    #: (torch's default protocol, which frameworks clip with); the scale the curvature
+    #: statistics carry is learnt from ``scaler.unscale_`` (:func:`singd.amp.notify_unscale`).
+    _step_supports_amp_scaling = False
 
     def __init__(
         self,
@@ -128,6 +137,8 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         self._capture = StatisticsCapture(self._is_due, self._on_statistics)
         self._scales = GradScaleTracker(init_grad_scale)
         self._verdicts = VerdictQueue(self._describe_skip)
+        self._unscaled_step: int | None = None  # the step whose gradients a scaler unscaled
+        notify_unscale()
         self.steps = 0
         super().__init__(params, defaults)
         self._distributor.attach(self, wrapper)
@@ -212,6 +223,40 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         pre = self._preconditioners[layer_name]
         with autocast_disabled(), record_function(PROFILER_LABELS["statistics"]):
             pre.accumulate(x, grad_output, self._scales.previous(self.steps))
+
+    def _before_unscale(self, scaler: torch.amp.GradScaler) -> None:
+        """``scaler.unscale_(self)`` is about to check and unscale the gradients."""
+        self._distributor.before_unscale(self)  # type: ignore[arg-type]
+
+    def _after_unscale(self, scaler: torch.amp.GradScaler) -> None:
+        """``scaler.unscale_(self)`` ran (:func:`singd.amp.notify_unscale`).
+
+        The gradients of this step are now unscaled, the statistics still carry the
+        scale, which ``step()`` reads from ``scaler``. If the scaler found inf/NaN it
+        will not call ``step()``: the step is skipped here (statistics dropped, the
+        counter kept), as ``step()`` skips it for ``found_inf`` (one host read, which
+        ``scaler.step`` makes anyway).
+        """
+        if self.grad_scaler is None:
+            self.grad_scaler = scaler  # created after the optimizer (accelerate, Lightning)
+        if scaler_found_inf(scaler, self):
+            warnings.warn(
+                f"Step {self.steps} skipped: the gradients contain inf/NaN (found by "
+                "GradScaler.unscale_); it will be retried as the same step.",
+                stacklevel=3,
+            )
+            for pre in self._preconditioners.values():
+                pre.drop_statistics()
+            self._scales.forget(self.steps)
+            self._unscaled_step = None
+            return
+        self._unscaled_step = self.steps
+
+    def _statistics_overflow_risk(self) -> bool:
+        """Whether some layer forms its curvature statistics in float16."""
+        return any(
+            torch.float16 in (pre.dtype_K, pre.dtype_C) for pre in self._preconditioners.values()
+        )
 
     def set_current_grad_scale(self, scale: float) -> None:
         """Tell the optimizer the gradient scale :math:`s_t` of the coming ``step()``."""

@@ -1,0 +1,50 @@
+r"""``transformers.pytorch_utils.Conv1D`` (GPT-2's attention and MLP projections).
+
+Despite its name this is a linear layer with the weight stored transposed:
+``weight`` is ``[d_in, d_out]`` and :math:`y = x W + b`. Its Kronecker weight matrix is
+therefore :math:`W^\top \in \mathbb{R}^{d_o \times d_i}`, exactly the matrix of the
+equivalent ``nn.Linear`` (whose weight is ``W^\top``): the statistics are the Linear
+adapter's, and only :meth:`grad_matrix` / :meth:`split_matrix` transpose, so a Conv1D
+and the equivalent Linear follow the same trajectory.
+
+``transformers`` stays optional: the adapter is registered under the class's dotted
+name (:func:`singd.layers.register_adapter_by_name`) and matched by name, so
+``import singd`` never imports ``transformers``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from singd.layers.linear import LinearAdapter
+
+#: Where ``transformers`` defines the layer (matched by ``__module__`` and ``__qualname__``).
+CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
+
+
+class TransformersConv1DAdapter(LinearAdapter):
+    """Adapter for ``transformers.pytorch_utils.Conv1D`` (weight ``[d_in, d_out]``)."""
+
+    def parameters(self, module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
+        return module.weight, module.bias
+
+    def factor_dims(self, module: nn.Module) -> tuple[int, int]:
+        d_in, d_out = module.weight.shape
+        return d_in + int(module.bias is not None), d_out
+
+    def grad_matrix(self, module: nn.Module) -> Tensor:
+        """``[∇Wᵀ | ∇b]``: the stored ``[d_in, d_out]`` gradient, transposed."""
+        weight, bias = module.weight, module.bias
+        assert weight.grad is not None
+        g = weight.grad.T
+        if bias is None:
+            return g
+        bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        return torch.cat([g, bias_grad.unsqueeze(1).to(g.dtype)], dim=1)
+
+    def split_matrix(self, module: nn.Module, mat: Tensor) -> list[Tensor]:
+        """``[d_o, d_K]`` back to the stored ``[d_in, d_out]`` weight (and the bias)."""
+        if module.bias is None:
+            return [mat.T]
+        return [mat[:, :-1].T, mat[:, -1]]
