@@ -118,6 +118,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         if grad_scaler is not None and grad_scaler.is_enabled() and init_grad_scale == 1.0:
             init_grad_scale = grad_scaler.get_scale()
         self._registry = LayerRegistry(model, self._unsupported_reason)
+        given_params = params is not None
         if params is None:
             # Every parameter, frozen ones too (as AdamW(model.parameters())): a layer
             # unfrozen later is trained; a frozen one costs nothing (no statistics).
@@ -143,6 +144,8 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         super().__init__(params, defaults)
         self._distributor.attach(self, wrapper)
         self._deferred = any(p.is_meta for g in self.param_groups for p in g["params"])
+        if warn_unsupported and defaults["fallback"] is not None and not given_params:
+            self._warn_if_mostly_fallback(stacklevel=4)
 
     # --- what the distribution strategies and checkpoint helpers read ------------------
     @property

@@ -10,6 +10,7 @@ to the fallback after construction, and renders it as a table (``print(optimizer
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -69,16 +70,21 @@ def discover_layers(
         parameters, and why every other parameter gets none.
     """
     owners: dict[nn.Parameter, list[Layer]] = {}
+    reasons: dict[nn.Parameter, str] = {}
     for name, module in model.named_modules():
         adapter = find_adapter(module)
         if adapter is None:
             continue
         adapter.check(module)
         layer = Layer(name, module, adapter)
+        computed = computed_weight_reason(layer)
+        if computed is not None:
+            for p in module.parameters():  # the parametrization's tensors and the bias
+                reasons.setdefault(p, computed)
+            continue
         for p in layer.params:
             owners.setdefault(p, []).append(layer)
     layer_of_param: dict[nn.Parameter, Layer] = {}
-    reasons: dict[nn.Parameter, str] = {}
     excluded: dict[str, str] = {}
     for layers in owners.values():
         if len(layers) > 1:
@@ -97,6 +103,28 @@ def discover_layers(
             if p not in owners:
                 reasons.setdefault(p, f"{type(module).__name__} has no Kronecker adapter")
     return layer_of_param, reasons
+
+
+def computed_weight_reason(layer: Layer) -> str | None:
+    """Why a layer whose weight (or bias) is computed, not a Parameter, gets no factors.
+
+    ``parametrizations.weight_norm`` / ``spectral_norm`` and
+    ``parametrize.register_parametrization`` (and the older hook-based
+    ``nn.utils.weight_norm`` / ``spectral_norm``) make ``module.weight`` a function of
+    other tensors (``original0``, ``weight_g``, …). Kronecker factors precondition the
+    gradient of the weight matrix itself; the tensors that are trained are not that
+    matrix, and their natural gradient is not the layer's, so the layer's parameters
+    get the fallback rule instead of a wrong preconditioner.
+    """
+    weight, bias = layer.adapter.parameters(layer.module)
+    if isinstance(weight, nn.Parameter) and (bias is None or isinstance(bias, nn.Parameter)):
+        return None
+    trained = ", ".join(n for n, _ in layer.module.named_parameters()) or "none"
+    return (
+        f"{type(layer.module).__name__} {layer.name!r} has a parametrized weight (weight_norm, "
+        "spectral_norm or register_parametrization): Kronecker factors precondition a "
+        f"weight matrix, but it trains other tensors ({trained})"
+    )
 
 
 class LayerRegistry:
@@ -387,11 +415,65 @@ class LayerGroupsMixin(Optimizer):
 
     # --- registration report -----------------------------------------------------------
     def _state_bytes(self, params: Iterable[nn.Parameter]) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for p in params
-            for t in self.state.get(p, {}).values()
-            if isinstance(t, Tensor)
+        """Bytes of the ``optimizer.state`` of ``params``; for a parameter not updated
+        yet, what its first update will allocate (:meth:`_projected_state_bytes`)."""
+        total = 0
+        for p in params:
+            state = self.state.get(p)
+            if state:
+                total += sum(
+                    t.numel() * t.element_size() for t in state.values() if isinstance(t, Tensor)
+                )
+            else:
+                total += self._projected_state_bytes(p)
+        return total
+
+    def _projected_state_bytes(self, p: nn.Parameter) -> int:
+        """The state the first update of ``p`` allocates: a momentum buffer for a
+        Kronecker layer's parameter (momentum ≠ 0); for a fallback parameter, AdamW's
+        two moments and its float32 step, or SGD's momentum buffer. A rule added with
+        ``register_fallback`` allocates what it does: counted once it has run."""
+        size = p.numel() * p.element_size()
+        layer = self._registry.layer_of_param.get(p)
+        if layer is not None and layer.name in self._registry.group_of_layer:
+            momentum = self._config(self._registry.group_of_layer[layer.name]).momentum
+            return size if p.requires_grad and momentum != 0 else 0
+        index = self._registry.fallback_group.get(p)
+        if index is None:
+            return 0
+        rule = self.param_groups[index]["fallback"]
+        if rule == "adamw":
+            return 2 * size + 4
+        if rule == "sgd":
+            return size if self._config(index).momentum != 0 else 0
+        return 0
+
+    def _warn_if_mostly_fallback(self, stacklevel: int) -> None:
+        """One warning when Kronecker factors cover less than half of the trainable
+        parameters, naming the biggest modules left to the fallback and why."""
+        trainable = [p for p in self._registry.param_names if p.requires_grad]
+        total = sum(p.numel() for p in trainable)
+        covered = sum(p.numel() for p in trainable if p in self._registry.layer_of_param)
+        if total == 0 or 2 * covered >= total:
+            return
+        by_module: dict[tuple[str, str], int] = {}
+        for p in trainable:
+            if p in self._registry.fallback_group:
+                module = self._registry.param_names[p].rpartition(".")[0] or "<model>"
+                key = (module, self._registry.fallback_reasons.get(p, ""))
+                by_module[key] = by_module.get(key, 0) + p.numel()
+        biggest = sorted(by_module.items(), key=lambda item: -item[1])[:3]
+        rules = sorted(
+            {str(self.param_groups[i]["fallback"]) for i in self._registry.fallback_group.values()}
+        )
+        warnings.warn(
+            f"{type(self).__name__} gives Kronecker factors to {100 * covered / total:.1f}% of "
+            f"the {total:,} trainable parameters; the fallback rule ({', '.join(rules)}) "
+            "trains the rest. Largest: "
+            + "; ".join(f"{m!r} ({n:,} parameters: {why})" for (m, why), n in biggest)
+            + ". A layer type gets factors with singd.register_adapter (docs/layers.md); "
+            "warn_unsupported=False silences this.",
+            stacklevel=stacklevel,
         )
 
     def describe(self) -> str:
