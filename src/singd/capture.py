@@ -77,7 +77,7 @@ class _RemovedHook:
         module._forward_hooks_always_called.pop(self.hook_id, None)
 
 
-class _HookDict(OrderedDict):  # type: ignore[type-arg]
+class _HookDict(OrderedDict):
     """A module's ``_forward_hooks`` whose copies and pickles omit the capture hooks.
 
     ``nn.Module`` pickles and deep-copies its ``__dict__``; this dict reduces to a

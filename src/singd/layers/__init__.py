@@ -11,8 +11,8 @@ from singd.layers.base import (
     grad_output_matrix,
     input_matrix,
     register_adapter,
-    scoped_registration,
     register_adapter_by_name,
+    scoped_registration,
     supported_layer_types,
 )
 from singd.layers.conv import ConvAdapter
@@ -39,7 +39,7 @@ __all__ = [
     "grad_output_matrix",
     "input_matrix",
     "register_adapter",
-    "scoped_registration",
     "register_adapter_by_name",
+    "scoped_registration",
     "supported_layer_types",
 ]

@@ -14,28 +14,35 @@ name (:func:`singd.layers.register_adapter_by_name`) and matched by name, so
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
+from singd.layers.base import LayerAdapter
 from singd.layers.linear import LinearAdapter
 
 #: Where ``transformers`` defines the layer (matched by ``__module__`` and ``__qualname__``).
 CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
 
 
-class TransformersConv1DAdapter(LinearAdapter):
+class TransformersConv1DAdapter(LayerAdapter[nn.Module]):
     """Adapter for ``transformers.pytorch_utils.Conv1D`` (weight ``[d_in, d_out]``)."""
 
-    def parameters(self, module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
-        return module.weight, module.bias
-
     def factor_dims(self, module: nn.Module) -> tuple[int, int]:
-        d_in, d_out = module.weight.shape
-        return d_in + int(module.bias is not None), d_out
+        weight, bias = self.parameters(module)
+        d_in, d_out = weight.shape
+        return d_in + int(bias is not None), d_out
+
+    def shared_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+        return _LINEAR.shared_inputs(cast(nn.Linear, module), x)
+
+    def shared_grad_outputs(self, module: nn.Module, g: Tensor) -> Tensor:
+        return _LINEAR.shared_grad_outputs(cast(nn.Linear, module), g)
 
     def grad_matrix(self, module: nn.Module) -> Tensor:
         """``[∇Wᵀ | ∇b]``: the stored ``[d_in, d_out]`` gradient, transposed."""
-        weight, bias = module.weight, module.bias
+        weight, bias = self.parameters(module)
         assert weight.grad is not None
         g = weight.grad.T
         if bias is None:
@@ -45,6 +52,9 @@ class TransformersConv1DAdapter(LinearAdapter):
 
     def split_matrix(self, module: nn.Module, mat: Tensor) -> list[Tensor]:
         """``[d_o, d_K]`` back to the stored ``[d_in, d_out]`` weight (and the bias)."""
-        if module.bias is None:
+        if self.parameters(module)[1] is None:
             return [mat.T]
         return [mat[:, :-1].T, mat[:, -1]]
+
+
+_LINEAR = LinearAdapter()  # the statistics are the Linear layer's (shapes only)

@@ -229,7 +229,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
 
     def _before_unscale(self, scaler: torch.amp.GradScaler) -> None:
         """``scaler.unscale_(self)`` is about to check and unscale the gradients."""
-        self._distributor.before_unscale(self)  # type: ignore[arg-type]
+        self._distributor.before_unscale(self)
 
     def _after_unscale(self, scaler: torch.amp.GradScaler) -> None:
         """``scaler.unscale_(self)`` ran (:func:`singd.amp.notify_unscale`).
