@@ -99,7 +99,7 @@ def test_inplace_op_on_a_view_output_keeps_the_statistics(inplace, out_of_place)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the layer must not be demoted to the fallback
         optim = run(b)
-    assert set(optim.layer_names) == {"first", "second"}
+    assert set(optim.layers) == {"first", "second"}
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, **tolerance(torch.float64))
 

@@ -43,7 +43,7 @@ def test_parametrized_layer_trains_its_tensors_with_the_fallback(kind: str) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the coverage warning (2/3 fallback)
         optim = SINGD(model, T=1)
-    assert optim.layer_names == ["2"]
+    assert list(optim.layers) == ["2"]
     raw = list(model[0].parameters())
     assert raw and all(p in optim._registry.fallback_group for p in raw)
     assert "has a parametrized weight" in optim.describe()

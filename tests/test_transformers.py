@@ -59,7 +59,7 @@ def test_conv1d_follows_the_equivalent_linear(approx: str) -> None:
             # relu_ on the (view) output: the in-place case of GPT-2-style blocks
             nn.functional.mse_loss(module(x).relu_(), target).backward()
             optim.step()
-    assert set(optims[0].layer_names) == {""}, "Conv1D must get Kronecker factors"
+    assert set(optims[0].layers) == {""}, "Conv1D must get Kronecker factors"
     torch.testing.assert_close(conv.weight.T, linear.weight, **tolerance(torch.float64))
     torch.testing.assert_close(conv.bias, linear.bias, **tolerance(torch.float64))
     for factor in ("K", "C"):
@@ -88,8 +88,8 @@ def test_gpt2_gets_kronecker_factors_for_its_conv1d_layers() -> None:
     model = tiny_gpt2()
     optim = SINGD(model)
     conv1d = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
-    assert len(conv1d) == 8 and conv1d <= set(optim.layer_names)
-    assert "transformer.wpe" in optim.layer_names
+    assert len(conv1d) == 8 and conv1d <= set(optim.layers)
+    assert "transformer.wpe" in optim.layers
     # The tied input/output embedding is one parameter used by two layers: fallback,
     # with the reason in the report.
     wte = model.transformer.wte.weight

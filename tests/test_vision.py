@@ -69,7 +69,7 @@ def test_resnet18_registers_every_conv_and_linear_and_trains_batchnorm() -> None
     model = resnet18()
     optim = SINGD(model, **RESNET)
     convs = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    assert set(optim.layer_names) == convs and len(convs) == 21
+    assert set(optim.layers) == convs and len(convs) == 21
     batchnorm = [
         p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()
     ]
@@ -110,7 +110,7 @@ def test_timm_vit_registers_its_linear_layers_and_learns() -> None:
     )
     optim = SINGD(model, lr=5e-3, T=1, structures=("dense", "dense"))
     linears = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    assert set(optim.layer_names) == linears  # qkv, proj, fc1, fc2, head, patch_embed.proj
+    assert set(optim.layers) == linears  # qkv, proj, fc1, fc2, head, patch_embed.proj
     X, y = images(1)[0]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", module="singd")
