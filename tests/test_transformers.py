@@ -17,6 +17,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from accelerate import Accelerator  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -168,6 +169,7 @@ def test_accelerate_scaler_pattern_equals_the_unscaled_run() -> None:
     accelerate turns fp16 off on a CPU, so the same objects are driven by hand here with
     a CPU GradScaler (no autocast: the scale must cancel exactly).
     """
+    Accelerator(cpu=True)  # the state AcceleratedOptimizer reads (as the Trainer makes it)
     plain, scaled = tiny_gpt2(), tiny_gpt2()
     data = TokenData()
     optim_plain = SINGD(plain, lr=2e-2, T=1)
