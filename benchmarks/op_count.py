@@ -19,7 +19,9 @@ pipeline. Both are deterministic and can be counted on a CPU
   __bool__/__float__/__int__/__index__`` (some do not dispatch), each counted once.
   torch.optim's per-parameter ``step`` counters are host tensors by design (not a
   device synchronisation on a GPU), so reads of tensors stored under ``"step"`` in
-  the optimizer state are not counted.
+  the optimizer state are not counted; nor are reads of the host copies of the
+  refresh's finiteness flags (:mod:`singd.optim.monitor`: on a GPU a non-blocking
+  copy into pinned memory, read once an event says it has arrived).
 * **Accelerator code path**: the structures choose some kernels by device
   (:func:`singd.structures._linalg.splits_work`: split products into cache-sized
   pieces on CPUs only); it is forced to the accelerator branch. torch.optim's SGD and
@@ -170,7 +172,7 @@ def counting_host_reads(counter: OpCounter, exempt: set[int]) -> Iterator[list[s
     def wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def method(self: Tensor, *args: Any, **kwargs: Any) -> Any:
-            if counter.inside_read or id(self) in exempt:
+            if counter.inside_read or id(self) in exempt or getattr(self, "_singd_host_copy", 0):
                 counter.inside_read += 1
                 try:
                     return original(self, *args, **kwargs)

@@ -74,21 +74,23 @@ def riemannian_gradients(
     """
     K_tK = K.from_inner()
     C_tC = C.from_inner()
-    if hp.kfac_like:
-        first_K, first_C = H_K, (H_C * h_c_unscale if h_c_unscale != 1.0 else H_C)
-        second_K, second_C = K_tK * hp.damping, C_tC * hp.damping
-    else:
-        tr_H_C = H_C.average_trace()
-        tr_H_K = H_K.average_trace()
-        if h_c_unscale != 1.0:
-            tr_H_C, tr_H_K = tr_H_C * h_c_unscale, tr_H_K * h_c_unscale
-        c_squared = hp.damping * C_tC.average_trace()
-        kappa_squared = hp.damping * K_tK.average_trace()
-        first_K, first_C = H_K * tr_H_C, H_C * tr_H_K
-        second_K, second_C = K_tK * c_squared, C_tC * kappa_squared
     scale = 0.5 * (1.0 - hp.alpha1) if hp.normalize_lr_cov else 0.5
-    # second_* are fresh matrices: summing into them leaves H_K, H_C untouched
-    new_m_K, new_m_C = second_K.add_(first_K), second_C.add_(first_C)
+    # second terms first, as fresh matrices: adding into them leaves H_K, H_C untouched
+    if hp.kfac_like:
+        # ½(λ KᵀK + H − I) with the ½ folded into the coefficients (exact: a power of 2;
+        # with normalize_lr_cov the same to round-off): one operation less per factor
+        new_m_K = (K_tK * (hp.damping * scale)).add_(H_K, alpha=scale)
+        new_m_C = (C_tC * (hp.damping * scale)).add_(H_C, alpha=h_c_unscale * scale)
+        return new_m_K.diag_add_(-scale), new_m_C.diag_add_(-scale)
+    tr_H_C = H_C.average_trace()
+    tr_H_K = H_K.average_trace()
+    if h_c_unscale != 1.0:
+        tr_H_C, tr_H_K = tr_H_C * h_c_unscale, tr_H_K * h_c_unscale
+    c_squared = hp.damping * C_tC.average_trace()
+    kappa_squared = hp.damping * K_tK.average_trace()
+    # + tr(H)·H with the device scalar as a fused multiply-add (StructuredMatrix.add_)
+    new_m_K = (K_tK * c_squared).add_(H_K, alpha=tr_H_C)
+    new_m_C = (C_tC * kappa_squared).add_(H_C, alpha=tr_H_K)
     return new_m_K.diag_add_(-1.0).mul_(scale), new_m_C.diag_add_(-1.0).mul_(scale)
 
 
@@ -113,11 +115,12 @@ def update_factors(
             new_m_C.add_(state.m_C, alpha=hp.alpha1)
 
     def step(factor: StructuredMatrix, m: StructuredMatrix) -> StructuredMatrix:
-        beta1 = hp.lr_cov
         if hp.normalize_lr_cov:
-            beta1 = beta1 / max(1.0, float(m.infinity_vector_norm()))
+            # β₁ / max(1, ‖m‖∞) stays on the device: reading the norm would synchronise
+            norm = m.infinity_vector_norm().clamp_min(1.0)
+            return (factor @ m).mul_(norm.reciprocal_().mul_(-hp.lr_cov)).add_(factor)
         # K − β₁ K m, written into the fresh product (same rounding as the subtraction)
-        return (factor @ m).mul_(-beta1).add_(factor)
+        return (factor @ m).mul_(-hp.lr_cov).add_(factor)
 
     momentum = hp.alpha1 != 0.0
     return FactorState(

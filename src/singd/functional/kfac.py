@@ -29,6 +29,9 @@ def damped_inverse(S: Tensor, damping: float, dtype: torch.dtype) -> Tensor:
     requested dtype (so a "bf16 inverse" carries bf16 rounding of the result).
     """
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    M = S.to(work)
-    M = M + damping * torch.eye(M.shape[0], dtype=work, device=M.device)
-    return torch.linalg.inv(M).to(dtype).to(S.dtype)
+    M = S.to(work, copy=True)
+    M.diagonal().add_(damping)
+    # inv_ex: no singularity check, which would read its result on the host (a device
+    # synchronisation); a singular or non-finite M gives inf/NaN, which the refresh's
+    # finiteness check catches.
+    return torch.linalg.inv_ex(M).inverse.to(dtype).to(S.dtype)

@@ -30,7 +30,7 @@ from typing import Any, Generic, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
-from singd.structures import Structure
+from singd.structures import Structure, _linalg
 
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
@@ -93,7 +93,7 @@ class LayerAdapter(ABC, Generic[M]):
             reduced = self.reduced_inputs(module, x)
             diag = reduced.square().sum(0) / reduced.shape[0]
         if self.parameters(module)[1] is not None:
-            diag = torch.cat([diag, diag.new_ones(1)])
+            diag = pad_bias_entry(diag)
         return diag
 
     def reduced_inputs(self, module: M, x: Tensor) -> Tensor:
@@ -126,6 +126,14 @@ class LayerAdapter(ABC, Generic[M]):
         return [mat[:, :-1].reshape(weight.shape), mat[:, -1]]
 
 
+def pad_bias_entry(diag: Tensor) -> Tensor:
+    """``[diag | 1]``: the bias column of :math:`A` contributes 1 to diag(AᵀA).
+
+    One operation (``constant_pad_nd``) instead of a ``new_ones`` and a ``cat``.
+    """
+    return nn.functional.pad(diag, (0, 1), value=1.0)
+
+
 def input_matrix(adapter: LayerAdapter[M], module: M, x: Tensor, approx: str) -> Tensor:
     """The processed input :math:`A` ``[rows, d_K]`` for ``U = AᵀA`` (module docstring)."""
     if approx == "expand":
@@ -138,6 +146,9 @@ def scaled_with_bias_column(adapter: LayerAdapter[M], module: M, a: Tensor) -> T
     rows, features = a.shape
     root = math.sqrt(rows)  # divided, not multiplied by 1/√rows: the published rounding
     bias = adapter.parameters(module)[1] is not None
+    if not _linalg.splits_work(a):  # accelerators: two operations instead of six
+        scaled = a / root
+        return nn.functional.pad(scaled, (0, 1), value=1.0 / root) if bias else scaled
     out = a.new_empty(rows, features + bias)
     torch.div(a, root, out=out[:, :features])
     if bias:
@@ -153,6 +164,9 @@ def grad_output_matrix(
     scale = math.sqrt(num_loss_terms(shared, loss_average))
     if approx == "reduce":
         return shared.sum(1) * scale
+    if shared.stride(1) == 1 and shared.shape[1] > 1 and not _linalg.splits_work(shared):
+        # accelerators: one fused multiply-copy (no preallocation), same numbers
+        return (shared.permute(2, 0, 1) * scale).flatten(1).T
     if shared.stride(1) == 1 and shared.shape[1] > 1:
         # Positions contiguous (a channel-first gradient, e.g. a convolution's): write
         # G_mᵀ row by row instead of transposing element by element (measured 35× faster

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from singd.layers.base import LayerAdapter
+from singd.layers.base import LayerAdapter, pad_bias_entry
+from singd.structures import _linalg
 
 
 def conv_paddings(module: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
@@ -136,7 +137,10 @@ class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
         channel-first input (runs of one output row), otherwise ``A`` from
         channels-last views (runs of ``c`` channels). Both give the same numbers.
         """
-        x = pad_input(module, group_averaged_input(module, self._unbatched(module, x)))
+        x = group_averaged_input(module, self._unbatched(module, x))
+        if not _linalg.splits_work(x) and len(module.kernel_size) == 2:
+            return self._unfolded_input_matrix(module, x)
+        x = pad_input(module, x)
         c, bias = x.shape[1], module.bias is not None
         channels_first = kernel_slices(module, x)  # views [B, c, *O]
         out_shape = channels_first[0].shape
@@ -158,6 +162,23 @@ class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
             A[:, -1].fill_(1.0).div_(root)
         return A
 
+    def _unfolded_input_matrix(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+        """The same ``A`` in a few large operations (accelerators are launch-bound: the
+        per-offset copies above cost one operation each): ``F.unfold`` of the padded
+        input, scaled, with the bias column padded on."""
+        padding: Any = 0
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            padding = module.padding  # unfold pads with zeros itself: one operation less
+        else:
+            x = pad_input(module, x)
+        patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+        rows = patches.shape[0] * patches.shape[2]
+        root = math.sqrt(rows)
+        A = (patches / root).transpose(1, 2).reshape(rows, patches.shape[1])  # [B·R, c·K]
+        if module.bias is not None:
+            A = F.pad(A, (0, 1), value=1.0 / root)
+        return A
+
     def shared_grad_outputs(self, module: nn.modules.conv._ConvNd, g: Tensor) -> Tensor:
         g = self._unbatched(module, g)
         return g.flatten(2).transpose(1, 2)  # [B, R, C_out]
@@ -176,7 +197,7 @@ class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
         rows = x.shape[0] * math.prod(output_size(module, squares.shape[2:]))
         diag = patch_sums(module, squares).flatten() / rows  # [c·K], channel-major
         if module.bias is not None:
-            diag = torch.cat([diag, diag.new_ones(1)])
+            diag = pad_bias_entry(diag)
         return diag
 
     def reduced_inputs(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:

@@ -266,12 +266,19 @@ class StructuredMatrix(ABC):
                 f"{other.structure} matrix of size {other.dim}."
             )
 
-    def add_(self: SelfMatrix, other: StructuredMatrix, alpha: float = 1.0) -> SelfMatrix:
-        r"""In place :math:`M \leftarrow M + \alpha N`; returns ``self``."""
+    def add_(self: SelfMatrix, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> SelfMatrix:
+        r"""In place :math:`M \leftarrow M + \alpha N`; returns ``self``.
+
+        ``alpha`` may be a device scalar (a 0-d tensor): then each stored tensor gets
+        one fused ``addcmul_``, and nothing is read back to the host.
+        """
         self._check_same(other)
         theirs = other.tensors()
         for name, t in self._tensors.items():
-            t.add_(theirs[name].to(t.dtype), alpha=alpha)
+            if isinstance(alpha, Tensor):  # a device scalar: one fused operation, no sync
+                t.addcmul_(theirs[name].to(t.dtype), alpha.to(t.dtype))
+            else:
+                t.add_(theirs[name].to(t.dtype), alpha=alpha)
         return self
 
     def mul_(self: SelfMatrix, scalar: float | Tensor) -> SelfMatrix:

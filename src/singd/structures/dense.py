@@ -17,7 +17,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from singd.structures._linalg import symmetric_gram
+from singd.structures import _linalg
+from singd.structures._linalg import symmetric_gram, symmetrized
 from singd.structures.base import Structure, StructuredMatrix
 
 
@@ -63,16 +64,26 @@ class DenseMatrix(StructuredMatrix):
     def from_inner(self, X: Tensor | None = None) -> DenseMatrix:
         K = self.mat
         if X is None:
+            if not _linalg.splits_work(K):  # one product, symmetrised (launch-bound)
+                return self._like({"mat": symmetrized(K.mT @ K)})
             return self._like({"mat": symmetric_gram(K.T)})
         X = X.to(self.dtype)
         d, n = X.shape
         if n > 2 * d:  # K^T (X X^T) K: fewer multiply-adds for many columns (module doc)
+            if not _linalg.splits_work(X):
+                # accelerators are launch-bound: plain products, symmetrised once
+                return self._like({"mat": symmetrized(K.T @ ((X @ X.T) @ K))})
             H = K.T @ (symmetric_gram(X) @ K)
             return self._like({"mat": H.tril() + H.tril(-1).T})
         return self._like({"mat": symmetric_gram(K.T @ X)})
 
     def diagonal(self) -> Tensor:
         return self.mat.diagonal().clone()
+
+    def average_trace(self) -> Tensor:
+        if self.dtype in (torch.float16, torch.bfloat16):  # divide first: no overflow
+            return super().average_trace()
+        return torch.trace(self.mat) / self.dim  # two operations instead of four
 
     def diag_add_(self, value: float | Tensor) -> DenseMatrix:
         self.mat.diagonal().add_(value)
