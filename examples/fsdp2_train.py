@@ -131,7 +131,8 @@ def main() -> None:
             print(f"checkpoint saved and loaded at step {optim.steps}")
         loss = train(model, optim, data)
     owned = len([name for name in optim.layers if optim.distributor.owns(name)])
-    print(f"rank {rank}: owns the factors of {owned} of {len(optim.layers)} layers")
+    # one write per line, flushed at once, so the ranks' lines do not split each other
+    print(f"rank {rank}: owns the factors of {owned} of {len(optim.layers)} layers", flush=True)
     if rank == 0:
         print(f"final loss {loss:.4f} after {optim.steps} steps on {world} ranks")
     dist.destroy_process_group()

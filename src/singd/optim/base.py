@@ -484,10 +484,10 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
             buffers = None
             if config.momentum != 0:
                 buffers = []
-                for p in params:
-                    state = self.state[p]
+                for param in params:
+                    state = self.state[param]
                     if "momentum_buffer" not in state:  # (zeros: the same first step)
-                        state["momentum_buffer"] = torch.zeros_like(p)
+                        state["momentum_buffer"] = torch.zeros_like(param)
                     buffers.append(state["momentum_buffer"])
             new_params, new_buffers = parameter_step(
                 params,
@@ -535,7 +535,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
             grads = [p.grad if grad_divisor == 1.0 else p.grad / grad_divisor for p in params]
             names = [f"parameter {self._param_names.get(p, '?')!r}" for p in params]
             for name, g in zip(names, grads, strict=True):
-                guard.check_squares(name, [g])  # type: ignore[list-item]
+                guard.check_squares(name, [g])
             rule = find_fallback(config.fallback)
             states = [self.state[p] for p in params]
             lr = group["lr"]
@@ -543,7 +543,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
             def update(
                 rule: Any = rule,
                 params: list[Tensor] = params,
-                grads: list[Tensor] = grads,  # type: ignore[assignment]
+                grads: list[Tensor] = grads,
                 states: list[dict[str, Any]] = states,
                 config: GroupConfig = config,
                 lr: float = lr,

@@ -43,6 +43,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from types import FrameType
 from typing import Any
 
 import torch
@@ -76,10 +77,20 @@ def _label_index(labels: list[int], device: torch.device) -> Tensor:
 _INTERNAL = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
 
 
+def _subtracting(value: Tensor, delta: Tensor) -> Callable[[], None]:
+    """An undo that takes ``delta`` back off ``value`` (a host tensor of an accelerator step)."""
+
+    def undo() -> None:
+        value.sub_(delta)
+
+    return undo
+
+
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside singd and torch (the user's
     ``optimizer.step()`` or ``scaler.step(optimizer)`` call), for warnings."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
     return level
@@ -243,7 +254,7 @@ class StepGuard:
             value, previous = _local(value), _local(previous)
             if value.device.type == "cpu" and self.device.type != "cpu":
                 delta = value - previous
-                self._undo.append(lambda value=value, delta=delta: value.sub_(delta))
+                self._undo.append(_subtracting(value, delta))
             else:
                 torch.where(ok.to(value.device), value, previous, out=value)
 

@@ -161,9 +161,14 @@ class LayerRegistry:
     def replace(self, old: nn.Parameter, new: nn.Parameter) -> None:
         """``new`` stands for ``old`` from now on (a parameter re-created by
         ``model.to_empty()`` after initialisation on the ``meta`` device)."""
-        for table in (self.param_names, self.layer_of_param, self.fallback_reasons):
+        tables: tuple[dict[nn.Parameter, Any], ...] = (
+            self.param_names,
+            self.layer_of_param,
+            self.fallback_reasons,
+        )
+        for table in tables:
             if old in table:
-                table[new] = table.pop(old)  # type: ignore[index]
+                table[new] = table.pop(old)
         if old in self.fallback_group:
             self.fallback_group[new] = self.fallback_group.pop(old)
 
