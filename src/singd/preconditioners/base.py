@@ -24,7 +24,7 @@ needs besides the live ``lr_cov`` is on the object (:attr:`plan`,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -135,24 +135,3 @@ class LayerPreconditioner(ABC):
     @abstractmethod
     def describe(self) -> tuple[str, int]:
         """(text describing the factors, bytes of state; projected before allocation)."""
-
-
-def refresh_all(
-    items: Sequence[tuple[LayerPreconditioner, float]], h_c_unscale: float
-) -> list[LayerPreconditioner]:
-    """Refresh each preconditioner with its β₁, then undo those whose new state is not
-    finite (their statistics or update held inf/NaN); return the undone ones.
-
-    One device synchronisation for all of them (the finite flags are stacked).
-    """
-    checks = [(pre, *pre.refresh(lr_cov, h_c_unscale)) for pre, lr_cov in items]
-    if not checks:
-        return []
-    device = checks[0][1].device
-    flags = torch.stack([finite.to(device) for _, finite, _ in checks]).tolist()
-    undone = []
-    for (pre, _, undo), ok in zip(checks, flags, strict=True):
-        if not ok:
-            undo()
-            undone.append(pre)
-    return undone
