@@ -32,14 +32,19 @@ class TransposedLinear(nn.Linear):
 
 
 class TransposedAdapter(LinearAdapter):
-    def shared_inputs(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def shared_inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(0, 1)
 
-    def shared_grad_outputs(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    def shared_grad_outputs(self, g: torch.Tensor) -> torch.Tensor:
         return g.transpose(0, 1)
 
 
-register_adapter(TransposedLinear, TransposedAdapter())
+@pytest.fixture
+def transposed_linear() -> type[TransposedLinear]:
+    """TransposedLinear with its adapter registered (for this test only: conftest
+    restores the registry)."""
+    register_adapter(TransposedLinear, TransposedAdapter)
+    return TransposedLinear
 
 
 class SequenceNet(nn.Module):
@@ -104,10 +109,12 @@ def test_inplace_op_on_a_view_output_keeps_the_statistics(inplace, out_of_place)
         torch.testing.assert_close(p, q, **tolerance(torch.float64))
 
 
-def test_inplace_op_on_a_partial_view_output_keeps_the_statistics() -> None:
+def test_inplace_op_on_a_partial_view_output_keeps_the_statistics(
+    transposed_linear: type[TransposedLinear],
+) -> None:
     """An output that is not its base reshaped (a transposed view) is captured on a copy."""
     torch.manual_seed(0)
-    a = nn.Sequential(TransposedLinear(4, 6), nn.ReLU(), TransposedLinear(6, 5)).double()
+    a = nn.Sequential(transposed_linear(4, 6), nn.ReLU(), transposed_linear(6, 5)).double()
     b = copy.deepcopy(a)
     b[1] = nn.ReLU(inplace=True)
     assert not a[0](torch.randn(5, 3, 4, dtype=torch.float64)).is_contiguous()

@@ -143,11 +143,15 @@ def test_a_registered_fallback_rule_trains_the_parameters_without_factors() -> N
 
 
 def test_scoped_registration_restores_a_replaced_adapter() -> None:
-    from singd.layers import find_adapter, register_adapter
+    from singd.layers import LinearAdapter, adapter_class, find_adapter, register_adapter
     from singd.layers import scoped_registration as scoped_adapters
 
-    original = find_adapter(nn.Linear(2, 2))
+    class Replacement(LinearAdapter):
+        pass
+
+    assert adapter_class(nn.Linear) is LinearAdapter
     with scoped_adapters():
-        register_adapter(nn.Linear, type(original)())
-        assert find_adapter(nn.Linear(2, 2)) is not original
-    assert find_adapter(nn.Linear(2, 2)) is original
+        register_adapter(nn.Linear, Replacement)
+        assert adapter_class(nn.Linear) is Replacement
+        assert type(find_adapter(nn.Linear(2, 2))) is Replacement
+    assert adapter_class(nn.Linear) is LinearAdapter

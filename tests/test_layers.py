@@ -229,3 +229,35 @@ def test_fallback_parameters_follow_param_groups_and_schedulers() -> None:
     model(torch.randn(4, 3)).sum().backward()
     optim.step()
     assert torch.equal(model[1].weight, frozen)  # its group's lr is 0
+
+
+def test_each_layer_has_its_own_adapter_bound_to_its_module() -> None:
+    """Adapters are registered as classes and bound to one module each."""
+    from singd.layers import ConvAdapter, Layer, LinearAdapter
+    from singd.optim.layer_registry import Layer as ReExported
+
+    assert ReExported is Layer  # the old import path keeps working
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3), nn.Linear(3, 2))
+    optim = SINGD(model)
+    layers = optim.layers
+    assert isinstance(layers["0"].adapter, ConvAdapter)
+    assert isinstance(layers["2"].adapter, LinearAdapter)
+    for name, layer in layers.items():
+        assert isinstance(layer, Layer)
+        assert layer.module is model.get_submodule(name)
+        assert layer.adapter.module is layer.module
+    assert layers["2"].adapter is not layers["3"].adapter
+    assert layers["2"].adapter.factor_dims() == (9, 3)
+
+
+def test_registering_an_adapter_instance_or_a_non_adapter_is_refused() -> None:
+    from singd.layers import LinearAdapter, register_adapter, register_adapter_by_name
+
+    with pytest.raises(TypeError, match=r"class, not an instance.*LinearAdapter"):
+        register_adapter(nn.Linear, LinearAdapter(nn.Linear(2, 2)))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="LayerAdapter subclass"):
+        register_adapter(nn.Linear, nn.Linear)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"nn\.Module subclass"):
+        register_adapter(int, LinearAdapter)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="class, not an instance"):
+        register_adapter_by_name("pkg.mod.Layer", LinearAdapter(nn.Linear(2, 2)))  # type: ignore[arg-type]

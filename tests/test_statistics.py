@@ -201,12 +201,12 @@ def library_kronecker(
         grads = torch.autograd.grad(pseudo_loss, [outputs[n] for n in names], retain_graph=True)
         for name, g in zip(names, grads, strict=True):
             module = dict(model.named_modules())[name]
-            Gm = grad_output_matrix(find_adapter(module), module, g, approx, loss_average)
+            Gm = grad_output_matrix(find_adapter(module), g, approx, loss_average)
             G[name] = G[name] + Gm.T @ Gm
     result = {}
     for name in names:
         module = dict(model.named_modules())[name]
-        A = input_matrix(find_adapter(module), module, inputs[name], approx)
+        A = input_matrix(find_adapter(module), inputs[name], approx)
         result[name] = (A.T @ A, G[name])
     return result
 
@@ -316,8 +316,8 @@ def test_conv2d_patches(config: str, groups: int) -> None:
         parts = [conv_patches(single, x[:, j * c : (j + 1) * c]) for j in range(groups)]
         assert_close(reference, torch.stack(parts).mean(0))
     adapter = find_adapter(conv)
-    assert_close(adapter.shared_inputs(conv, x), reference)
-    assert_close(adapter.reduced_inputs(conv, x), reference.mean(1))
+    assert_close(adapter.shared_inputs(x), reference)
+    assert_close(adapter.reduced_inputs(x), reference.mean(1))
 
 
 def conv1d_as_conv2d(conv: nn.Conv1d) -> nn.Conv2d:
@@ -354,8 +354,8 @@ def test_conv1d_patches(kwargs: dict[str, Any]) -> None:
     assert_close(conv2d(x.unsqueeze(2)).squeeze(2), conv(x), msg="not the same layer")
     reference = conv_patches(conv2d, x.unsqueeze(2))
     adapter = find_adapter(conv)
-    assert_close(adapter.shared_inputs(conv, x), reference)
-    assert_close(adapter.reduced_inputs(conv, x), reference.mean(1))
+    assert_close(adapter.shared_inputs(x), reference)
+    assert_close(adapter.reduced_inputs(x), reference.mean(1))
 
 
 def conv3d_patches_by_loops(conv: nn.Conv3d, x: Tensor) -> Tensor:
@@ -400,8 +400,8 @@ def test_conv3d_patches(kwargs: dict[str, Any]) -> None:
     if conv.groups == 1:
         reproduces_output(conv, reference, x)
     adapter = find_adapter(conv)
-    assert_close(adapter.shared_inputs(conv, x), reference)
-    assert_close(adapter.reduced_inputs(conv, x), reference.mean(1))
+    assert_close(adapter.shared_inputs(x), reference)
+    assert_close(adapter.reduced_inputs(x), reference.mean(1))
 
 
 # --- 3. processing (expand/reduce, bias column, scaling) against the oracle -------------
@@ -436,6 +436,6 @@ def test_processing_matches_oracle(
     x, g = torch.randn(x_shape, dtype=F64), torch.randn(g_shape, dtype=F64)
     A, Gm = statistics(module, x, g, Hyper(kfac_approx=approx, loss_average=loss_average))
     adapter = find_adapter(module)
-    assert_close(input_matrix(adapter, module, x, approx), A)
-    assert_close(grad_output_matrix(adapter, module, g, approx, loss_average), Gm)
-    assert_close(adapter.input_diagonal(module, x, approx), (A * A).sum(0))
+    assert_close(input_matrix(adapter, x, approx), A)
+    assert_close(grad_output_matrix(adapter, g, approx, loss_average), Gm)
+    assert_close(adapter.input_diagonal(x, approx), (A * A).sum(0))

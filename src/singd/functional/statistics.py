@@ -30,8 +30,9 @@ its squares carry :math:`s_{t-1}` once — in this one place (:func:`_unscaled_o
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from singd.layers.base import (
     LayerAdapter,
@@ -46,8 +47,7 @@ _DIAGONAL = Diagonal()
 
 
 def _unscaled_output(
-    adapter: LayerAdapter,
-    module: nn.Module,
+    adapter: LayerAdapter[Any],
     g: Tensor,
     approx: str,
     loss_average: str | None,
@@ -57,15 +57,15 @@ def _unscaled_output(
     r""":math:`\operatorname{diag}(G_m^\top G_m) / s_{t-1}` (``diagonal``), else
     :math:`G_m / \sqrt{s_{t-1}}`."""
     if diagonal:
-        diag = grad_output_diagonal(adapter, module, g, approx, loss_average)
+        diag = grad_output_diagonal(adapter, g, approx, loss_average)
         return diag / previous_scale if previous_scale != 1.0 else diag
-    Gm = grad_output_matrix(adapter, module, g, approx, loss_average)
+    Gm = grad_output_matrix(adapter, g, approx, loss_average)
     return Gm / math.sqrt(previous_scale) if previous_scale != 1.0 else Gm
 
 
 # --- projected: H = Π̂(Kᵀ U K) in the hook ---------------------------------------------------
 def input_curvature(
-    K: StructuredMatrix, adapter: LayerAdapter, module: nn.Module, x: Tensor, approx: str
+    K: StructuredMatrix, adapter: LayerAdapter[Any], x: Tensor, approx: str
 ) -> StructuredMatrix:
     r""":math:`H_K = \hat\Pi(K^\top A^\top A K)` from the layer input.
 
@@ -76,14 +76,13 @@ def input_curvature(
     if x.is_floating_point():  # (embedding inputs are indices)
         x = x.to(K.dtype)
     if K.inner_needs_only_diagonal:
-        return K.from_inner_diagonal(adapter.input_diagonal(module, x, approx))
-    return K.from_inner(input_matrix(adapter, module, x, approx).T)
+        return K.from_inner_diagonal(adapter.input_diagonal(x, approx))
+    return K.from_inner(input_matrix(adapter, x, approx).T)
 
 
 def output_curvature(
     C: StructuredMatrix,
-    adapter: LayerAdapter,
-    module: nn.Module,
+    adapter: LayerAdapter[Any],
     g: Tensor,
     approx: str,
     loss_average: str | None,
@@ -95,13 +94,13 @@ def output_curvature(
     :math:`\operatorname{diag}(G_m^\top G_m)`, computed without forming :math:`G_m`.
     """
     diagonal = C.inner_needs_only_diagonal
-    out = _unscaled_output(adapter, module, g, approx, loss_average, previous_scale, diagonal)
+    out = _unscaled_output(adapter, g, approx, loss_average, previous_scale, diagonal)
     return C.from_inner_diagonal(out) if diagonal else C.from_inner(out.T)
 
 
 # --- factor-free: U (or diag U), projected at the refresh --------------------------------------
 def input_statistic(
-    structure: Structure, adapter: LayerAdapter, module: nn.Module, x: Tensor, approx: str
+    structure: Structure, adapter: LayerAdapter[Any], x: Tensor, approx: str
 ) -> StructuredMatrix:
     r"""The statistic of :math:`U = A^\top A` that a factor K of ``structure`` needs.
 
@@ -110,17 +109,16 @@ def input_statistic(
     dense :math:`U`.
     """
     if structure.matrix_cls.inner_needs_only_diagonal:
-        diag = adapter.input_diagonal(module, x, approx)
+        diag = adapter.input_diagonal(x, approx)
         if x.is_floating_point():
             diag = diag.to(x.dtype)
         return DiagonalMatrix(_DIAGONAL, diag.shape[0], {"diag": diag})
-    return _DENSE.from_mat_inner(input_matrix(adapter, module, x, approx).T)
+    return _DENSE.from_mat_inner(input_matrix(adapter, x, approx).T)
 
 
 def output_statistic(
     structure: Structure,
-    adapter: LayerAdapter,
-    module: nn.Module,
+    adapter: LayerAdapter[Any],
     g: Tensor,
     approx: str,
     loss_average: str | None,
@@ -130,7 +128,7 @@ def output_statistic(
     needs (``g`` in C's dtype): its diagonal, computed without forming :math:`G_m`, or
     dense."""
     diagonal = structure.matrix_cls.inner_needs_only_diagonal
-    out = _unscaled_output(adapter, module, g, approx, loss_average, previous_scale, diagonal)
+    out = _unscaled_output(adapter, g, approx, loss_average, previous_scale, diagonal)
     if diagonal:
         return DiagonalMatrix(_DIAGONAL, out.shape[0], {"diag": out})
     return _DENSE.from_mat_inner(out.T)

@@ -16,12 +16,15 @@ loss-average scaling of spec §4 in one place for every layer type:
 with :math:`n_\text{loss}` = 1 (``loss_average=None``), ``B`` (``"batch"``), or
 ``B·R`` (``"batch+sequence"``). Then :math:`U = A^\top A` and :math:`G = G_m^\top G_m`.
 
-A new layer type is an adapter subclass plus :func:`register_adapter`.
+A new layer type is an adapter subclass plus :func:`register_adapter` (the class; the
+optimizer binds one instance to each layer of that type, ``LinearAdapter(module)``).
+A :class:`Layer` is a layer the optimizer found: its name in the model and its adapter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -41,43 +44,58 @@ M = TypeVar("M", bound=nn.Module)
 
 
 class LayerAdapter(ABC, Generic[M]):
-    """How a layer type ``M`` exposes its parameters and statistics to Kronecker optimizers."""
+    """How one layer (a module of type ``M``) exposes its parameters and statistics to
+    Kronecker optimizers.
+
+    An adapter is bound to its module: ``LinearAdapter(linear)``. Subclasses are
+    registered by class (:func:`register_adapter`); the optimizer makes one adapter per
+    supported module of the model when it discovers the layers.
+
+    Args:
+        module: The layer this adapter handles.
+    """
 
     #: A structure the input-side factor K must have whatever the param group asks
     #: for (e.g. diagonal for embeddings, whose K spans the vocabulary), or None.
     input_structure: Structure | None = None
 
-    def check(self, module: M) -> None:
-        """Raise a clear error if this module cannot be handled (called at registration)."""
+    def __init__(self, module: M) -> None:
+        self.module = module
 
-    def parameters(self, module: M) -> tuple[nn.Parameter, nn.Parameter | None]:
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.module).__name__})"
+
+    def check(self) -> None:
+        """Raise a clear error if the module cannot be handled (called at registration)."""
+
+    def parameters(self) -> tuple[nn.Parameter, nn.Parameter | None]:
         """The ``(weight, bias)`` pair that the Kronecker factors precondition.
 
         Default: ``module.weight`` and ``module.bias`` (None if the module has none).
         """
-        weight = cast(nn.Parameter, module.weight)
-        return weight, cast("nn.Parameter | None", getattr(module, "bias", None))
+        weight = cast(nn.Parameter, self.module.weight)
+        return weight, cast("nn.Parameter | None", getattr(self.module, "bias", None))
 
     @abstractmethod
-    def factor_dims(self, module: M) -> tuple[int, int]:
+    def factor_dims(self) -> tuple[int, int]:
         """``(d_K, d_C)``: input-side dimension (bias included) and output-side dimension."""
 
     @abstractmethod
-    def shared_inputs(self, module: M, x: Tensor) -> Tensor:
+    def shared_inputs(self, x: Tensor) -> Tensor:
         """The layer input in weight-sharing format ``[B, R, d_in]`` (no bias column)."""
 
     @abstractmethod
-    def shared_grad_outputs(self, module: M, g: Tensor) -> Tensor:
+    def shared_grad_outputs(self, g: Tensor) -> Tensor:
         """The output gradient in weight-sharing format ``[B, R, d_o]``."""
 
-    def expanded_input_matrix(self, module: M, x: Tensor) -> Tensor:
+    def expanded_input_matrix(self, x: Tensor) -> Tensor:
         r"""KFAC-expand's :math:`A = [x \,|\, 1] / \sqrt{BR}`, ``[B·R, d_K]``.
 
         Override when the weight-sharing format is costly to copy (convolutions).
         """
-        return scaled_with_bias_column(self, module, self.shared_inputs(module, x).flatten(0, 1))
+        return scaled_with_bias_column(self, self.shared_inputs(x).flatten(0, 1))
 
-    def input_diagonal(self, module: M, x: Tensor, approx: str) -> Tensor:
+    def input_diagonal(self, x: Tensor, approx: str) -> Tensor:
         r""":math:`\operatorname{diag}(A^\top A)`, all a diagonal K needs from the input.
 
         Sums of squares over the weight-sharing format, without forming :math:`A`
@@ -86,31 +104,31 @@ class LayerAdapter(ABC, Generic[M]):
         embeddings count tokens).
         """
         if approx == "expand":
-            shared = self.shared_inputs(module, x)
+            shared = self.shared_inputs(x)
             rows = shared.shape[0] * shared.shape[1]
             diag = shared.square().sum((0, 1)) / rows
         else:
-            reduced = self.reduced_inputs(module, x)
+            reduced = self.reduced_inputs(x)
             diag = reduced.square().sum(0) / reduced.shape[0]
-        if self.parameters(module)[1] is not None:
+        if self.parameters()[1] is not None:
             diag = pad_bias_entry(diag)
         return diag
 
-    def reduced_inputs(self, module: M, x: Tensor) -> Tensor:
+    def reduced_inputs(self, x: Tensor) -> Tensor:
         """The input averaged over shared positions, ``[B, d_in]`` (KFAC-reduce).
 
         Override when the average is cheaper than the weight-sharing format
         (convolutions average patches without unfolding).
         """
-        return self.shared_inputs(module, x).mean(1)
+        return self.shared_inputs(x).mean(1)
 
-    def grad_matrix(self, module: M) -> Tensor:
+    def grad_matrix(self) -> Tensor:
         r"""The gradient as a ``[d_o, d_K]`` matrix :math:`[\nabla W \,|\, \nabla b]`.
 
         The weight gradient is flattened to ``[d_o, -1]``; a missing bias gradient
         counts as zero.
         """
-        weight, bias = self.parameters(module)
+        weight, bias = self.parameters()
         assert weight.grad is not None
         g = weight.grad.flatten(1)
         if bias is None:
@@ -118,12 +136,39 @@ class LayerAdapter(ABC, Generic[M]):
         bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
         return torch.cat([g, bias_grad.unsqueeze(1).to(g.dtype)], dim=1)
 
-    def split_matrix(self, module: M, mat: Tensor) -> list[Tensor]:
+    def split_matrix(self, mat: Tensor) -> list[Tensor]:
         """Inverse of :meth:`grad_matrix`: ``[d_o, d_K]`` back to ``[weight, bias]`` shapes."""
-        weight, bias = self.parameters(module)
+        weight, bias = self.parameters()
         if bias is None:
             return [mat.reshape(weight.shape)]
         return [mat[:, :-1].reshape(weight.shape), mat[:, -1]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A supported layer: its name in the model and its (bound) adapter."""
+
+    name: str
+    adapter: LayerAdapter[Any]
+
+    @property
+    def module(self) -> nn.Module:
+        """The layer's module."""
+        return self.adapter.module
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The weight parameter."""
+        return self.adapter.parameters()[0]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Weight and bias (if any), in the order of :meth:`LayerAdapter.split_matrix`."""
+        return [p for p in self.adapter.parameters() if p is not None]
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        """The parameters of :attr:`params` that require gradients."""
+        return [p for p in self.params if p.requires_grad]
 
 
 def pad_bias_entry(diag: Tensor) -> Tensor:
@@ -134,18 +179,18 @@ def pad_bias_entry(diag: Tensor) -> Tensor:
     return nn.functional.pad(diag, (0, 1), value=1.0)
 
 
-def input_matrix(adapter: LayerAdapter[M], module: M, x: Tensor, approx: str) -> Tensor:
+def input_matrix(adapter: LayerAdapter[Any], x: Tensor, approx: str) -> Tensor:
     """The processed input :math:`A` ``[rows, d_K]`` for ``U = AᵀA`` (module docstring)."""
     if approx == "expand":
-        return adapter.expanded_input_matrix(module, x)
-    return scaled_with_bias_column(adapter, module, adapter.reduced_inputs(module, x))
+        return adapter.expanded_input_matrix(x)
+    return scaled_with_bias_column(adapter, adapter.reduced_inputs(x))
 
 
-def scaled_with_bias_column(adapter: LayerAdapter[M], module: M, a: Tensor) -> Tensor:
+def scaled_with_bias_column(adapter: LayerAdapter[Any], a: Tensor) -> Tensor:
     """``[a | 1] / √rows`` written in one pass into a preallocated matrix (no concat copy)."""
     rows, features = a.shape
     root = math.sqrt(rows)  # divided, not multiplied by 1/√rows: the published rounding
-    bias = adapter.parameters(module)[1] is not None
+    bias = adapter.parameters()[1] is not None
     if not _linalg.splits_work(a):  # accelerators: two operations instead of six
         scaled = a / root
         return nn.functional.pad(scaled, (0, 1), value=1.0 / root) if bias else scaled
@@ -157,10 +202,10 @@ def scaled_with_bias_column(adapter: LayerAdapter[M], module: M, a: Tensor) -> T
 
 
 def grad_output_matrix(
-    adapter: LayerAdapter[M], module: M, g: Tensor, approx: str, loss_average: str | None
+    adapter: LayerAdapter[Any], g: Tensor, approx: str, loss_average: str | None
 ) -> Tensor:
     """The processed output gradient :math:`G_m` ``[rows, d_o]`` for ``G = G_mᵀG_m``."""
-    shared = adapter.shared_grad_outputs(module, g)
+    shared = adapter.shared_grad_outputs(g)
     scale = math.sqrt(num_loss_terms(shared, loss_average))
     if approx == "reduce":
         return shared.sum(1) * scale
@@ -178,11 +223,11 @@ def grad_output_matrix(
 
 
 def grad_output_diagonal(
-    adapter: LayerAdapter[M], module: M, g: Tensor, approx: str, loss_average: str | None
+    adapter: LayerAdapter[Any], g: Tensor, approx: str, loss_average: str | None
 ) -> Tensor:
     r""":math:`\operatorname{diag}(G_m^\top G_m)`, all a diagonal C needs, without forming
     :math:`G_m` (no transposed copy of convolution gradients)."""
-    shared = adapter.shared_grad_outputs(module, g)
+    shared = adapter.shared_grad_outputs(g)
     summed = shared if approx == "expand" else shared.sum(1, keepdim=True)
     squares = summed.square().sum((0, 1))
     return squares * num_loss_terms(shared, loss_average)
@@ -194,22 +239,39 @@ def num_loss_terms(shared: Tensor, loss_average: str | None) -> int:
     return {None: 1, "batch": batch, "batch+sequence": batch * positions}[loss_average]
 
 
-_ADAPTERS: dict[type[nn.Module], LayerAdapter[Any]] = {}
+_ADAPTERS: dict[type[nn.Module], type[LayerAdapter[Any]]] = {}
 #: Adapters for classes of optional libraries, keyed by ``"module.QualName"``: matched
 #: by name so that the library is never imported by singd itself.
-_ADAPTERS_BY_NAME: dict[str, LayerAdapter[Any]] = {}
+_ADAPTERS_BY_NAME: dict[str, type[LayerAdapter[Any]]] = {}
 
 
-def register_adapter(module_type: type[M], adapter: LayerAdapter[M]) -> None:
-    """Make Kronecker optimizers handle ``module_type`` (and its subclasses) with ``adapter``."""
+def _checked_adapter_class(adapter: object) -> type[LayerAdapter[Any]]:
+    if isinstance(adapter, LayerAdapter):
+        name = type(adapter).__name__
+        raise TypeError(
+            f"Register the adapter class, not an instance: register_adapter(..., {name}) "
+            f"rather than {name}(...); the optimizer binds one adapter to each layer."
+        )
+    if not (isinstance(adapter, type) and issubclass(adapter, LayerAdapter)):
+        raise TypeError(f"Expected a LayerAdapter subclass, got {adapter!r}.")
+    return adapter
+
+
+def register_adapter(module_type: type[M], adapter: type[LayerAdapter[M]]) -> None:
+    """Make Kronecker optimizers handle ``module_type`` (and its subclasses) with
+    ``adapter``, a :class:`LayerAdapter` subclass bound to each such layer as
+    ``adapter(module)``.
+
+    Raises:
+        TypeError: If ``module_type`` is not an ``nn.Module`` subclass or ``adapter``
+            is not a ``LayerAdapter`` subclass (an instance is refused too).
+    """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"Expected an nn.Module subclass, got {module_type!r}.")
-    if not isinstance(adapter, LayerAdapter):
-        raise TypeError(f"Expected a LayerAdapter instance, got {adapter!r}.")
-    _ADAPTERS[module_type] = adapter
+    _ADAPTERS[module_type] = _checked_adapter_class(adapter)
 
 
-def register_adapter_by_name(qualified_name: str, adapter: LayerAdapter[Any]) -> None:
+def register_adapter_by_name(qualified_name: str, adapter: type[LayerAdapter[Any]]) -> None:
     """Like :func:`register_adapter` for a class named ``"package.module.ClassName"``.
 
     For layers of optional libraries (``transformers``' ``Conv1D``): the class is
@@ -220,20 +282,24 @@ def register_adapter_by_name(qualified_name: str, adapter: LayerAdapter[Any]) ->
         raise ValueError(
             f"Expected a dotted class name such as 'package.module.Class', got {qualified_name!r}."
         )
-    if not isinstance(adapter, LayerAdapter):
-        raise TypeError(f"Expected a LayerAdapter instance, got {adapter!r}.")
-    _ADAPTERS_BY_NAME[qualified_name] = adapter
+    _ADAPTERS_BY_NAME[qualified_name] = _checked_adapter_class(adapter)
 
 
-def find_adapter(module: nn.Module) -> LayerAdapter[Any] | None:
-    """The adapter registered for the closest type in ``module``'s MRO, or None."""
-    for cls in type(module).__mro__:
+def adapter_class(module_type: type[nn.Module]) -> type[LayerAdapter[Any]] | None:
+    """The adapter class registered for the closest type in ``module_type``'s MRO, or None."""
+    for cls in module_type.__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
         by_name = _ADAPTERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
         if by_name is not None:
             return by_name
     return None
+
+
+def find_adapter(module: nn.Module) -> LayerAdapter[Any] | None:
+    """A new adapter bound to ``module`` (:func:`adapter_class` of its type), or None."""
+    cls = adapter_class(type(module))
+    return None if cls is None else cls(module)
 
 
 @contextlib.contextmanager

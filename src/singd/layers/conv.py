@@ -112,21 +112,23 @@ def patch_sums(module: nn.modules.conv._ConvNd, x_padded: Tensor) -> Tensor:
 class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
     """Adapter for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``."""
 
-    def factor_dims(self, module: nn.modules.conv._ConvNd) -> tuple[int, int]:
+    def factor_dims(self) -> tuple[int, int]:
+        module = self.module
         # from the shape, not ``weight[0]``: indexing a sharded (DTensor) weight communicates
         d_in = math.prod(module.weight.shape[1:]) + int(module.bias is not None)
         return d_in, module.out_channels
 
-    def _unbatched(self, module: nn.modules.conv._ConvNd, t: Tensor) -> Tensor:
-        return t.unsqueeze(0) if t.ndim == len(module.kernel_size) + 1 else t
+    def _unbatched(self, t: Tensor) -> Tensor:
+        return t.unsqueeze(0) if t.ndim == len(self.module.kernel_size) + 1 else t
 
-    def shared_inputs(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
-        x = pad_input(module, group_averaged_input(module, self._unbatched(module, x)))
+    def shared_inputs(self, x: Tensor) -> Tensor:
+        module = self.module
+        x = pad_input(module, group_averaged_input(module, self._unbatched(x)))
         patches = torch.stack(kernel_slices(module, x), dim=2)  # [B, c, K, *O]
         patches = patches.flatten(1, 2).flatten(2)  # [B, c·K, R]
         return patches.transpose(1, 2)
 
-    def expanded_input_matrix(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    def expanded_input_matrix(self, x: Tensor) -> Tensor:
         """KFAC-expand's patch matrix written in one pass (the hook's largest tensor).
 
         Each kernel offset's slice of the padded input is scaled straight into a
@@ -137,9 +139,10 @@ class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
         channel-first input (runs of one output row), otherwise ``A`` from
         channels-last views (runs of ``c`` channels). Both give the same numbers.
         """
-        x = group_averaged_input(module, self._unbatched(module, x))
+        module = self.module
+        x = group_averaged_input(module, self._unbatched(x))
         if not _linalg.splits_work(x) and len(module.kernel_size) == 2:
-            return self._unfolded_input_matrix(module, x)
+            return self._unfolded_input_matrix(x)
         x = pad_input(module, x)
         c, bias = x.shape[1], module.bias is not None
         channels_first = kernel_slices(module, x)  # views [B, c, *O]
@@ -162,10 +165,11 @@ class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
             A[:, -1].fill_(1.0).div_(root)
         return A
 
-    def _unfolded_input_matrix(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    def _unfolded_input_matrix(self, x: Tensor) -> Tensor:
         """The same ``A`` in a few large operations (accelerators are launch-bound: the
         per-offset copies above cost one operation each): ``F.unfold`` of the padded
         input, scaled, with the bias column padded on."""
+        module = self.module
         padding: Any = 0
         if module.padding_mode == "zeros" and not isinstance(module.padding, str):
             padding = module.padding  # unfold pads with zeros itself: one operation less
@@ -179,20 +183,21 @@ class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
             A = F.pad(A, (0, 1), value=1.0 / root)
         return A
 
-    def shared_grad_outputs(self, module: nn.modules.conv._ConvNd, g: Tensor) -> Tensor:
-        g = self._unbatched(module, g)
+    def shared_grad_outputs(self, g: Tensor) -> Tensor:
+        g = self._unbatched(g)
         return g.flatten(2).transpose(1, 2)  # [B, R, C_out]
 
-    def input_diagonal(self, module: nn.modules.conv._ConvNd, x: Tensor, approx: str) -> Tensor:
+    def input_diagonal(self, x: Tensor, approx: str) -> Tensor:
         """``diag(AᵀA)`` without unfolding: square, sum over the batch, then sum patches.
 
         Expand only (reduce averages patches first). Squaring commutes with every
         padding mode (padded entries are zeros or copies of input entries), so the
         batch-summed squares are padded and sliced instead of the input itself.
         """
+        module = self.module
         if approx != "expand":
-            return super().input_diagonal(module, x, approx)
-        x = group_averaged_input(module, self._unbatched(module, x))
+            return super().input_diagonal(x, approx)
+        x = group_averaged_input(module, self._unbatched(x))
         squares = pad_input(module, x.square().sum(0, keepdim=True))  # [1, c, *I]
         rows = x.shape[0] * math.prod(output_size(module, squares.shape[2:]))
         diag = patch_sums(module, squares).flatten() / rows  # [c·K], channel-major
@@ -200,8 +205,9 @@ class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
             diag = pad_bias_entry(diag)
         return diag
 
-    def reduced_inputs(self, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    def reduced_inputs(self, x: Tensor) -> Tensor:
         """Patches averaged over output locations, ``[B, d_in]``, without unfolding them."""
-        x = pad_input(module, group_averaged_input(module, self._unbatched(module, x)))
+        module = self.module
+        x = pad_input(module, group_averaged_input(module, self._unbatched(x)))
         positions = math.prod(output_size(module, x.shape[2:]))
         return patch_sums(module, x).flatten(1) / positions

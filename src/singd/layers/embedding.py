@@ -26,20 +26,22 @@ class EmbeddingAdapter(LayerAdapter[nn.Embedding]):
 
     input_structure = Diagonal()
 
-    def check(self, module: nn.Embedding) -> None:
-        if module.sparse:
+    def check(self) -> None:
+        if self.module.sparse:
             raise ValueError(
                 "nn.Embedding(sparse=True) produces sparse gradients, which Kronecker "
                 "optimizers cannot precondition; construct it with sparse=False."
             )
 
-    def parameters(self, module: nn.Embedding) -> tuple[nn.Parameter, nn.Parameter | None]:
-        return cast(nn.Parameter, module.weight), None  # (no bias)
+    def parameters(self) -> tuple[nn.Parameter, nn.Parameter | None]:
+        return cast(nn.Parameter, self.module.weight), None  # (no bias)
 
-    def factor_dims(self, module: nn.Embedding) -> tuple[int, int]:
+    def factor_dims(self) -> tuple[int, int]:
+        module = self.module
         return module.num_embeddings, module.embedding_dim
 
-    def _one_hot_counts(self, module: nn.Embedding, x: Tensor, approx: str) -> Tensor:
+    def _one_hot_counts(self, x: Tensor, approx: str) -> Tensor:
+        module = self.module
         index = x.reshape(x.shape[0], -1) if x.ndim >= 1 else x.reshape(1, 1)  # [B, R]
         batch, positions = index.shape
         weight = (index != module.padding_idx) if module.padding_idx is not None else None
@@ -56,24 +58,24 @@ class EmbeddingAdapter(LayerAdapter[nn.Embedding]):
         per_sample.scatter_add_(1, index, ones)
         return (per_sample / positions).square().sum(0) / batch
 
-    def input_diagonal(self, module: nn.Embedding, x: Tensor, approx: str) -> Tensor:
-        return self._one_hot_counts(module, x, approx)
+    def input_diagonal(self, x: Tensor, approx: str) -> Tensor:
+        return self._one_hot_counts(x, approx)
 
-    def shared_inputs(self, module: nn.Embedding, x: Tensor) -> Tensor:
+    def shared_inputs(self, x: Tensor) -> Tensor:
         raise NotImplementedError(
             "nn.Embedding has a diagonal input factor: use input_diagonal(), which never "
             "forms the one-hot matrix."
         )
 
-    def shared_grad_outputs(self, module: nn.Embedding, g: Tensor) -> Tensor:
+    def shared_grad_outputs(self, g: Tensor) -> Tensor:
         return g.reshape(g.shape[0] if g.ndim >= 2 else 1, -1, g.shape[-1])
 
-    def grad_matrix(self, module: nn.Embedding) -> Tensor:
-        grad = module.weight.grad
+    def grad_matrix(self) -> Tensor:
+        grad = self.module.weight.grad
         assert grad is not None
         if grad.is_sparse:
             grad = grad.to_dense()
         return grad.T
 
-    def split_matrix(self, module: nn.Embedding, mat: Tensor) -> list[Tensor]:
+    def split_matrix(self, mat: Tensor) -> list[Tensor]:
         return [mat.T]

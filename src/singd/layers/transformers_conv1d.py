@@ -14,13 +14,11 @@ name (:func:`singd.layers.register_adapter_by_name`) and matched by name, so
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 from torch import Tensor, nn
 
 from singd.layers.base import LayerAdapter
-from singd.layers.linear import LinearAdapter
+from singd.layers.linear import sequence_format
 
 #: Where ``transformers`` defines the layer (matched by ``__module__`` and ``__qualname__``).
 CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
@@ -29,20 +27,20 @@ CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
 class TransformersConv1DAdapter(LayerAdapter[nn.Module]):
     """Adapter for ``transformers.pytorch_utils.Conv1D`` (weight ``[d_in, d_out]``)."""
 
-    def factor_dims(self, module: nn.Module) -> tuple[int, int]:
-        weight, bias = self.parameters(module)
+    def factor_dims(self) -> tuple[int, int]:
+        weight, bias = self.parameters()
         d_in, d_out = weight.shape
         return d_in + int(bias is not None), d_out
 
-    def shared_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
-        return _LINEAR.shared_inputs(cast(nn.Linear, module), x)
+    def shared_inputs(self, x: Tensor) -> Tensor:
+        return sequence_format(x)  # the statistics are the Linear layer's (shapes only)
 
-    def shared_grad_outputs(self, module: nn.Module, g: Tensor) -> Tensor:
-        return _LINEAR.shared_grad_outputs(cast(nn.Linear, module), g)
+    def shared_grad_outputs(self, g: Tensor) -> Tensor:
+        return sequence_format(g)
 
-    def grad_matrix(self, module: nn.Module) -> Tensor:
+    def grad_matrix(self) -> Tensor:
         """``[∇Wᵀ | ∇b]``: the stored ``[d_in, d_out]`` gradient, transposed."""
-        weight, bias = self.parameters(module)
+        weight, bias = self.parameters()
         assert weight.grad is not None
         g = weight.grad.T
         if bias is None:
@@ -50,11 +48,8 @@ class TransformersConv1DAdapter(LayerAdapter[nn.Module]):
         bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
         return torch.cat([g, bias_grad.unsqueeze(1).to(g.dtype)], dim=1)
 
-    def split_matrix(self, module: nn.Module, mat: Tensor) -> list[Tensor]:
+    def split_matrix(self, mat: Tensor) -> list[Tensor]:
         """``[d_o, d_K]`` back to the stored ``[d_in, d_out]`` weight (and the bias)."""
-        if self.parameters(module)[1] is None:
+        if self.parameters()[1] is None:
             return [mat.T]
         return [mat[:, :-1].T, mat[:, -1]]
-
-
-_LINEAR = LinearAdapter()  # the statistics are the Linear layer's (shapes only)

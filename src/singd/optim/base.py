@@ -470,7 +470,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
                 guard.check_squares(f"layer {name!r}", [G])
                 if config.kl_clip is not None:
                     kl_terms.append((G * update).sum())
-                parts = layer.adapter.split_matrix(layer.module, update)
+                parts = layer.adapter.split_matrix(update)
                 for p, d in zip(layer.params, parts, strict=True):
                     if self._trains_with_factors(layer, p):
                         params.append(p)
@@ -612,7 +612,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         grads: dict[str, Tensor] = {}
         for name, pre in self._preconditioners.items():
             if pre.layer.weight.grad is not None:
-                G = pre.layer.adapter.grad_matrix(pre.layer.module)
+                G = pre.layer.adapter.grad_matrix()
                 grads[name] = G / grad_divisor if grad_divisor != 1.0 else G
         owned = {
             name: self._preconditioners[name].precondition(G)

@@ -112,7 +112,7 @@ class KFAC(KroneckerOptimizer):
             raise ValueError("inverse_dtype must be a dtype, not None.")
 
     def _plan(self, layer: Layer, config: KFACConfig) -> LayerPlan:
-        return dense_plan(config, layer.adapter.factor_dims(layer.module), config.factor_dtype)
+        return dense_plan(config, layer.adapter.factor_dims(), config.factor_dtype)
 
     def layer_state(self, layer_name: str) -> dict[str, Tensor]:
         """S_K, S_C (statistics, start at I) and P_K, P_C (damped inverses) of a layer."""

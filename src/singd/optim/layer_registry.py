@@ -9,7 +9,6 @@ to the fallback after construction, and renders it as a table (``print(optimizer
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from singd.config import GroupConfig, LayerPlan
-from singd.layers import LayerAdapter, find_adapter, supported_layer_types
+from singd.layers import Layer, find_adapter, supported_layer_types
 from singd.optim.groups import GroupConfigs
 from singd.optim.validation import BOUNDS, Bound, validate_common_group
 
@@ -27,29 +26,6 @@ if TYPE_CHECKING:
     from singd.capture import StatisticsCapture
     from singd.distributed import Distributor
     from singd.preconditioners import LayerPreconditioner
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """A supported layer: its name in the model, the module and its adapter."""
-
-    name: str
-    module: nn.Module
-    adapter: LayerAdapter[Any]
-
-    @property
-    def weight(self) -> nn.Parameter:
-        """The weight parameter."""
-        return self.adapter.parameters(self.module)[0]
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """Weight and bias (if any), in the order of :meth:`LayerAdapter.split_matrix`."""
-        return [p for p in self.adapter.parameters(self.module) if p is not None]
-
-    def trainable_params(self) -> list[nn.Parameter]:
-        """The parameters of :attr:`params` that require gradients."""
-        return [p for p in self.params if p.requires_grad]
 
 
 def discover_layers(
@@ -75,8 +51,8 @@ def discover_layers(
         adapter = find_adapter(module)
         if adapter is None:
             continue
-        adapter.check(module)
-        layer = Layer(name, module, adapter)
+        adapter.check()
+        layer = Layer(name, adapter)
         computed = computed_weight_reason(layer)
         if computed is not None:
             for p in module.parameters():  # the parametrization's tensors and the bias
@@ -116,7 +92,7 @@ def computed_weight_reason(layer: Layer) -> str | None:
     matrix, and their natural gradient is not the layer's, so the layer's parameters
     get the fallback rule instead of a wrong preconditioner.
     """
-    weight, bias = layer.adapter.parameters(layer.module)
+    weight, bias = layer.adapter.parameters()
     if isinstance(weight, nn.Parameter) and (bias is None or isinstance(bias, nn.Parameter)):
         return None
     trained = ", ".join(n for n, _ in layer.module.named_parameters()) or "none"

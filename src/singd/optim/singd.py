@@ -204,7 +204,7 @@ class SINGD(KroneckerOptimizer):
         return lr_cov
 
     def _plan(self, layer: Layer, config: SINGDConfig) -> LayerPlan:
-        d_K, d_C = layer.adapter.factor_dims(layer.module)
+        d_K, d_C = layer.adapter.factor_dims()
         structure_K, structure_C = config.structures
         dtype_K, dtype_C = config.preconditioner_dtype
         return LayerPlan(

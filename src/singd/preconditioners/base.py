@@ -32,14 +32,14 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from singd.config import GroupConfig, LayerPlan
-    from singd.optim.layer_registry import Layer
+    from singd.layers import Layer
 
 
 class LayerPreconditioner(ABC):
     """The preconditioner state and curvature accumulators of one layer.
 
     Args:
-        layer: The layer (name, module, adapter).
+        layer: The layer (name and bound adapter).
         plan: Structures, dtypes and dimensions of its factors.
         config: The validated options of the layer's param group (replaced by the
             optimizer when the group is edited).

@@ -22,7 +22,7 @@ from singd.preconditioners.base import LayerPreconditioner
 
 if TYPE_CHECKING:
     from singd.config import KFACConfig, LayerPlan
-    from singd.optim.layer_registry import Layer
+    from singd.layers import Layer
 
 STATE_NAMES = ("S_K", "S_C", "P_K", "P_C")
 
@@ -65,10 +65,8 @@ class KFACPreconditioner(LayerPreconditioner):
     def accumulate(self, x: Tensor, g: Tensor, previous_scale: float) -> None:
         dtype = self.dtype_K  # (no state needed: sharded non-owners accumulate too)
         plan, layer = self.plan, self.layer
-        A = input_matrix(layer.adapter, layer.module, x.to(dtype), plan.approx)
-        Gm = grad_output_matrix(
-            layer.adapter, layer.module, g.to(dtype), plan.approx, plan.loss_average_name
-        )
+        A = input_matrix(layer.adapter, x.to(dtype), plan.approx)
+        Gm = grad_output_matrix(layer.adapter, g.to(dtype), plan.approx, plan.loss_average_name)
         if previous_scale != 1.0:
             Gm = Gm / math.sqrt(previous_scale)
         U, G = A.T @ A, Gm.T @ Gm

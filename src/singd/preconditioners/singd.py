@@ -29,7 +29,7 @@ from singd.structures import StructuredMatrix
 
 if TYPE_CHECKING:
     from singd.config import LayerPlan, SINGDConfig
-    from singd.optim.layer_registry import Layer
+    from singd.layers import Layer
 
 FACTOR_NAMES = ("K", "C", "m_K", "m_C")
 
@@ -86,18 +86,16 @@ class SINGDPreconditioner(LayerPreconditioner):
         approx, loss_average = plan.approx, plan.loss_average_name
         g = g.to(self.dtype_C)
         # The hook divides by √s_{t−1} (singd.amp): squares carry 1/s_{t−1}.
-        adapter, module = layer.adapter, layer.module
+        adapter = layer.adapter
         if not self.factor_free_statistics:
             state = self.factors()
-            H_K = input_curvature(state.K, adapter, module, x, approx)
-            H_C = output_curvature(
-                state.C, adapter, module, g, approx, loss_average, previous_scale
-            )
+            H_K = input_curvature(state.K, adapter, x, approx)
+            H_C = output_curvature(state.C, adapter, g, approx, loss_average, previous_scale)
         else:  # sharded: the owner forms H from the reduced U, G (singd.functional.statistics)
             x = x.to(self.dtype_K) if x.is_floating_point() else x
-            H_K = input_statistic(plan.structure_K, adapter, module, x, approx)
+            H_K = input_statistic(plan.structure_K, adapter, x, approx)
             H_C = output_statistic(
-                plan.structure_C, adapter, module, g, approx, loss_average, previous_scale
+                plan.structure_C, adapter, g, approx, loss_average, previous_scale
             )
         if self.H_K is None or self.H_C is None:
             self.H_K, self.H_C = H_K, H_C
