@@ -1,25 +1,27 @@
-"""Which parameters of a model get Kronecker factors, which the fallback, and why.
+"""The layers of an optimizer's param groups, its fallback parameters, and why.
 
-:func:`discover_layers` maps each parameter to the supported layer it belongs to (a
-module with a registered adapter, :mod:`singd.layers`) or gives the reason it has
-none. A :class:`LayerRegistry` keeps what an optimizer made of that: the layers of
-each param group, the parameters trained by the fallback rule, the layers demoted
-to the fallback after construction, and renders it as a table (``print(optimizer)``).
+:func:`~singd.optim.discovery.discover_layers` maps each parameter to its supported
+layer or to the reason it has none. A :class:`LayerRegistry` keeps what an optimizer
+made of that: the layers of each param group, the parameters trained by the fallback
+rule, the layers demoted to the fallback after construction (rendered as a table by
+:mod:`singd.optim.report`, ``print(optimizer)``). :class:`LayerGroupsMixin` is the
+optimizer side: param groups, their validated configurations and their layers'
+preconditioners.
 """
 
 from __future__ import annotations
 
-import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from singd.config import GroupConfig, LayerPlan
-from singd.layers import Layer, find_adapter, supported_layer_types
+from singd.layers import Layer, supported_layer_types
+from singd.optim.discovery import computed_weight_reason, discover_layers
 from singd.optim.groups import GroupConfigs
+from singd.optim.report import RegistrationReportMixin
 from singd.optim.validation import BOUNDS, Bound, validate_common_group
 
 if TYPE_CHECKING:
@@ -27,80 +29,14 @@ if TYPE_CHECKING:
     from singd.distributed import Distributor
     from singd.preconditioners import LayerPreconditioner
 
-
-def discover_layers(
-    model: nn.Module, unsupported_reason: Callable[[Layer], str | None]
-) -> tuple[dict[nn.Parameter, Layer], dict[nn.Parameter, str]]:
-    """Map parameters to supported layers; give every other parameter a reason.
-
-    A parameter shared by several layers (tied weights) excludes all of them: one
-    pair of Kronecker factors cannot serve two different layers.
-
-    Args:
-        model: The model.
-        unsupported_reason: Why an optimizer cannot precondition a layer it has an
-            adapter for (None if it can).
-
-    Returns:
-        ``(layer_of_param, reasons)``: the Kronecker layer of each of its
-        parameters, and why every other parameter gets none.
-    """
-    owners: dict[nn.Parameter, list[Layer]] = {}
-    reasons: dict[nn.Parameter, str] = {}
-    for name, module in model.named_modules():
-        adapter = find_adapter(module)
-        if adapter is None:
-            continue
-        adapter.check()
-        layer = Layer(name, adapter)
-        computed = computed_weight_reason(layer)
-        if computed is not None:
-            for p in module.parameters():  # the parametrization's tensors and the bias
-                reasons.setdefault(p, computed)
-            continue
-        for p in layer.params:
-            owners.setdefault(p, []).append(layer)
-    layer_of_param: dict[nn.Parameter, Layer] = {}
-    excluded: dict[str, str] = {}
-    for layers in owners.values():
-        if len(layers) > 1:
-            reason = "shared by layers " + ", ".join(repr(layer.name) for layer in layers)
-            for layer in layers:
-                excluded[layer.name] = reason
-    for p, layers in owners.items():
-        layer = layers[0]
-        why = excluded.get(layer.name) or unsupported_reason(layer)
-        if why is None:
-            layer_of_param[p] = layer
-        else:
-            reasons[p] = why
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if p not in owners:
-                reasons.setdefault(p, f"{type(module).__name__} has no Kronecker adapter")
-    return layer_of_param, reasons
-
-
-def computed_weight_reason(layer: Layer) -> str | None:
-    """Why a layer whose weight (or bias) is computed, not a Parameter, gets no factors.
-
-    ``parametrizations.weight_norm`` / ``spectral_norm`` and
-    ``parametrize.register_parametrization`` (and the older hook-based
-    ``nn.utils.weight_norm`` / ``spectral_norm``) make ``module.weight`` a function of
-    other tensors (``original0``, ``weight_g``, …). Kronecker factors precondition the
-    gradient of the weight matrix itself; the tensors that are trained are not that
-    matrix, and their natural gradient is not the layer's, so the layer's parameters
-    get the fallback rule instead of a wrong preconditioner.
-    """
-    weight, bias = layer.adapter.parameters()
-    if isinstance(weight, nn.Parameter) and (bias is None or isinstance(bias, nn.Parameter)):
-        return None
-    trained = ", ".join(n for n, _ in layer.module.named_parameters()) or "none"
-    return (
-        f"{type(layer.module).__name__} {layer.name!r} has a parametrized weight (weight_norm, "
-        "spectral_norm or register_parametrization): Kronecker factors precondition a "
-        f"weight matrix, but it trains other tensors ({trained})"
-    )
+#: ``Layer`` lives in :mod:`singd.layers`; importable from here for older code.
+__all__ = [
+    "Layer",
+    "LayerGroupsMixin",
+    "LayerRegistry",
+    "computed_weight_reason",
+    "discover_layers",
+]
 
 
 class LayerRegistry:
@@ -211,74 +147,8 @@ class LayerRegistry:
                 self.fallback_group[p] = index
         return layer
 
-    def report(
-        self,
-        describe_layer: Callable[[str], tuple[str, int]],
-        state_bytes: Callable[[Iterable[nn.Parameter]], int],
-        param_groups: list[dict[str, Any]],
-    ) -> str:
-        """A table of how every trainable parameter of the model is handled.
 
-        One row per Kronecker layer (type, parameters, factor structures and
-        dimensions, bytes of optimizer state: factors, momenta and momentum buffers),
-        then one row per fallback parameter with its rule, the reason it gets no
-        Kronecker factors, and its state bytes; the total comes last. Factors are
-        allocated at the first step: before that their bytes are what they will take.
-
-        Args:
-            describe_layer: (text, bytes) of a layer's preconditioner, by name.
-            state_bytes: Bytes of the ``optimizer.state`` of some parameters.
-            param_groups: The optimizer's param groups (for the fallback rules).
-        """
-        rows: list[tuple[str, str, str, str, int | str]] = [
-            ("layer", "type", "parameters", "preconditioner", "state bytes")
-        ]
-        total = 0
-        untrained: list[str] = []
-        for name, layer in self.layers.items():
-            factors, nbytes = describe_layer(name)
-            nbytes += state_bytes(layer.params)
-            total += nbytes
-            rule = param_groups[self.group_of_layer[name]]["fallback"]
-            cells = []
-            for p in layer.params:
-                short = self.param_names[p].rsplit(".", 1)[-1]
-                if not p.requires_grad:
-                    cells.append(f"{short} (frozen)")
-                elif not layer.weight.requires_grad:  # a bias of a frozen weight
-                    cells.append(f"{short} ({rule} while the weight is frozen)")
-                    if rule is None:
-                        untrained.append(self.param_names[p])
-                else:
-                    cells.append(short)
-            params = ", ".join(cells)
-            rows.append((name or "<model>", type(layer.module).__name__, params, factors, nbytes))
-        for p, index in self.fallback_group.items():
-            rule = param_groups[index]["fallback"]
-            nbytes = state_bytes([p])
-            total += nbytes
-            reason = self.fallback_reasons.get(p, "")
-            rule_text = f"{rule}" if p.requires_grad else f"{rule} (frozen)"
-            rows.append((self.param_names.get(p, "?"), "fallback", rule_text, reason, nbytes))
-        in_layers = {p for layer in self.layers.values() for p in layer.params}
-        untrained += [
-            name
-            for p, name in self.param_names.items()
-            if p.requires_grad and p not in self.fallback_group and p not in in_layers
-        ]
-        widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
-        lines = [
-            "  ".join(str(cell).ljust(w) for cell, w in zip(row[:4], widths, strict=True))
-            + f"  {row[4]}"
-            for row in rows
-        ]
-        lines.append(f"total optimizer state: {total} bytes")
-        if untrained:
-            lines.append(f"not trained by this optimizer: {', '.join(untrained)}")
-        return "\n".join(lines)
-
-
-class LayerGroupsMixin(Optimizer):
+class LayerGroupsMixin(RegistrationReportMixin):
     """Param groups, their layers and configurations, for
     :class:`~singd.optim.base.KroneckerOptimizer`.
 
@@ -393,80 +263,3 @@ class LayerGroupsMixin(Optimizer):
         self._registry.demote(name, reason)
         self._capture.discard(name)
         del self._preconditioners[name]
-
-    # --- registration report -----------------------------------------------------------
-    def _state_bytes(self, params: Iterable[nn.Parameter]) -> int:
-        """Bytes of the ``optimizer.state`` of ``params``; for a parameter not updated
-        yet, what its first update will allocate (:meth:`_projected_state_bytes`)."""
-        total = 0
-        for p in params:
-            state = self.state.get(p)
-            if state:
-                total += sum(
-                    t.numel() * t.element_size() for t in state.values() if isinstance(t, Tensor)
-                )
-            else:
-                total += self._projected_state_bytes(p)
-        return total
-
-    def _projected_state_bytes(self, p: nn.Parameter) -> int:
-        """The state the first update of ``p`` allocates: a momentum buffer for a
-        Kronecker layer's parameter (momentum ≠ 0); for a fallback parameter, AdamW's
-        two moments and its float32 step, or SGD's momentum buffer. A rule added with
-        ``register_fallback`` allocates what it does: counted once it has run."""
-        size = p.numel() * p.element_size()
-        layer = self._registry.layer_of_param.get(p)
-        if layer is not None and layer.name in self._registry.group_of_layer:
-            momentum = self._config(self._registry.group_of_layer[layer.name]).momentum
-            return size if p.requires_grad and momentum != 0 else 0
-        index = self._registry.fallback_group.get(p)
-        if index is None:
-            return 0
-        rule = self.param_groups[index]["fallback"]
-        if rule == "adamw":
-            return 2 * size + 4
-        if rule == "sgd":
-            return size if self._config(index).momentum != 0 else 0
-        return 0
-
-    def _warn_if_mostly_fallback(self, stacklevel: int) -> None:
-        """One warning when Kronecker factors cover less than half of the trainable
-        parameters, naming the biggest modules left to the fallback and why."""
-        trainable = [p for p in self._registry.param_names if p.requires_grad]
-        total = sum(p.numel() for p in trainable)
-        covered = sum(p.numel() for p in trainable if p in self._registry.layer_of_param)
-        if total == 0 or 2 * covered >= total:
-            return
-        by_module: dict[tuple[str, str], int] = {}
-        for p in trainable:
-            if p in self._registry.fallback_group:
-                module = self._registry.param_names[p].rpartition(".")[0] or "<model>"
-                key = (module, self._registry.fallback_reasons.get(p, ""))
-                by_module[key] = by_module.get(key, 0) + p.numel()
-        biggest = sorted(by_module.items(), key=lambda item: -item[1])[:3]
-        rules = sorted(
-            {str(self.param_groups[i]["fallback"]) for i in self._registry.fallback_group.values()}
-        )
-        warnings.warn(
-            f"{type(self).__name__} gives Kronecker factors to {100 * covered / total:.1f}% of "
-            f"the {total:,} trainable parameters; the fallback rule ({', '.join(rules)}) "
-            "trains the rest. Largest: "
-            + "; ".join(f"{m!r} ({n:,} parameters: {why})" for (m, why), n in biggest)
-            + ". A layer type gets factors with singd.register_adapter (docs/layers.md); "
-            "warn_unsupported=False silences this.",
-            stacklevel=stacklevel,
-        )
-
-    def describe(self) -> str:
-        """A table of how every trainable parameter of the model is handled.
-
-        See :meth:`LayerRegistry.report`.
-        """
-        return self._registry.report(
-            lambda name: self._preconditioners[name].describe(),
-            self._state_bytes,
-            self.param_groups,
-        )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(\n{self.describe()}\n)"
