@@ -155,3 +155,67 @@ def test_scoped_registration_restores_a_replaced_adapter() -> None:
         assert adapter_class(nn.Linear) is Replacement
         assert type(find_adapter(nn.Linear(2, 2))) is Replacement
     assert adapter_class(nn.Linear) is LinearAdapter
+
+
+#: The published SINGD's constructor defaults (the poster's code relies on them).
+PUBLISHED_SINGD_DEFAULTS = {
+    "lr": 0.001,
+    "momentum": 0.9,
+    "damping": 0.001,
+    "alpha1": 0.5,
+    "weight_decay": 0.0,
+    "T": 10,
+    "loss_average": "batch",
+    "lr_cov": 1e-2,
+    "structures": ("dense", "dense"),
+    "kfac_approx": "expand",
+    "warn_unsupported": True,
+    "kfac_like": False,
+    "preconditioner_dtype": (None, None),
+    "init_grad_scale": 1.0,
+    "normalize_lr_cov": False,
+}
+
+
+def test_constructors_show_every_option_with_its_default_and_docs() -> None:
+    """The shared options are defined once, yet both signatures list every keyword."""
+    import inspect
+
+    from singd.optim.options import SHARED_OPTIONS
+
+    signatures = {cls: inspect.signature(cls).parameters for cls in (SINGD, KFAC)}
+    for cls, params in signatures.items():
+        assert list(params)[:2] == ["model", "params"]
+        assert all(p.kind is p.KEYWORD_ONLY for p in list(params.values())[2:])
+        for name, (default, _) in SHARED_OPTIONS.items():
+            assert params[name].default == default, (cls, name)
+        for name in list(params)[2:]:  # every keyword has an Args entry
+            assert f"\n        {name}: " in (cls.__doc__ or ""), (cls, name)
+        assert "<shared options>" not in (cls.__doc__ or "")
+    for name, default in PUBLISHED_SINGD_DEFAULTS.items():
+        assert signatures[SINGD][name].default == default, name
+    assert signatures[KFAC]["inverse_dtype"].default is torch.float32
+    assert "lr: 'float' = 0.001" in str(inspect.signature(SINGD))
+
+
+def test_every_keyword_reaches_the_group_or_the_optimizer() -> None:
+    from singd.optim import optimizer
+
+    optim = optimizer.SINGD(mlp(), kfac_like=False, structures=("dense", "diagonal"))
+    assert optim.defaults["structures"] == ("dense", "diagonal")
+    kw = {"lr": 0.05, "momentum": 0.5, "damping": 0.01, "weight_decay": 1e-3, "T": 3}
+    kw |= {"loss_average": None, "lr_cov": 0.02, "kfac_approx": "reduce", "kl_clip": 0.1}
+    kw |= {"fallback": "sgd", "fallback_betas": (0.8, 0.9), "fallback_eps": 1e-6}
+    for cls, own in ((SINGD, {"alpha1": 0.1, "normalize_lr_cov": True}), (KFAC, {})):
+        optim = cls(mlp(), warn_unsupported=False, init_grad_scale=4.0, **kw, **own)
+        group = optim.param_groups[0]
+        for name, value in {**kw, **own}.items():
+            assert group[name] == value, (cls, name)
+        assert "warn_unsupported" not in group and "distributed" not in group
+
+
+def test_an_unknown_keyword_names_the_valid_options() -> None:
+    with pytest.raises(TypeError, match=r"'lrr'; its options are: lr, momentum, .*alpha1"):
+        SINGD(mlp(), lrr=0.1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"its options are: .*factor_dtype, inverse_dtype"):
+        KFAC(mlp(), alpha1=0.1)  # type: ignore[call-arg]

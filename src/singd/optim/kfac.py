@@ -8,46 +8,43 @@ Theorem 1 (IKFAC ≈ KFAC to first order in β₁) can be tested. Statistics sta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from singd.config import KFACConfig, LayerPlan, dense_plan, dtype_name
-from singd.distributed import Distributor
 from singd.optim.base import KroneckerOptimizer, Layer
+from singd.optim.options import KroneckerOptions, shared_options, split_options
 from singd.optim.validation import KFAC_BOUNDS, parse_dtype
 from singd.preconditioners import KFACPreconditioner
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
+
+@shared_options(
+    docs={
+        "damping": "λ, added to both factors before inversion.",
+        "T": "Update statistics and inverses every ``T`` steps.",
+        "lr_cov": "β₁, the EMA weight of the statistics (float or callable of the step).",
+        "fallback": "As for :class:`~singd.SINGD` (the rule for every trainable parameter "
+        "without Kronecker factors; KFAC also sends embeddings there).",
+        "distributed": "As for :class:`~singd.SINGD`; in the sharded mode each rank keeps "
+        "S and P of its own layers only.",
+    }
+)
 class KFAC(KroneckerOptimizer):
     """Kronecker-factored approximate curvature with explicit damped inverses.
 
     Args:
         model: The model, or its ``DistributedDataParallel`` wrapper.
         params: As for :class:`~singd.SINGD`.
-        lr: β₂.
-        momentum: α₂.
-        damping: λ, added to both factors before inversion.
-        weight_decay: γ (coupled).
-        T: Update statistics and inverses every ``T`` steps.
-        loss_average: As for :class:`~singd.SINGD`.
-        lr_cov: β₁, the EMA weight of the statistics (float or callable of the step).
-        kfac_approx: ``"expand"`` or ``"reduce"``.
-        warn_unsupported: Warn about parameters KFAC does not train.
+        <shared options>
         factor_dtype: Dtype of the statistics S and inverses P (None: the weight's).
         inverse_dtype: Dtype the inversion is computed in (default float32).
-        init_grad_scale: As for :class:`~singd.SINGD`.
-        kl_clip: As for :class:`~singd.SINGD`.
-        grad_scaler: As for :class:`~singd.SINGD`.
-        fallback: As for :class:`~singd.SINGD` (the rule for every trainable
-            parameter without Kronecker factors; KFAC also sends embeddings there).
-        fallback_betas: As for :class:`~singd.SINGD`.
-        fallback_eps: As for :class:`~singd.SINGD`.
-        distributed: As for :class:`~singd.SINGD`; in the sharded mode each rank
-            keeps S and P of its own layers only.
-
+        <constructor options>
     """
 
     _STATE_KEY = "kfac"
@@ -59,50 +56,14 @@ class KFAC(KroneckerOptimizer):
         self,
         model: nn.Module,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
-        lr: float = 0.001,
-        momentum: float = 0.9,
-        damping: float = 0.001,
-        weight_decay: float = 0.0,
-        T: int = 10,
-        loss_average: str | None = "batch",
-        lr_cov: float | Callable[[int], float] = 1e-2,
-        kfac_approx: str = "expand",
-        warn_unsupported: bool = True,
+        *,
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype = torch.float32,
-        init_grad_scale: float = 1.0,
-        kl_clip: float | None = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
-        fallback: str | None = "adamw",
-        fallback_betas: tuple[float, float] = (0.9, 0.999),
-        fallback_eps: float = 1e-8,
-        distributed: str | Distributor | None = "auto",
+        **options: Unpack[KroneckerOptions],
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "damping": damping,
-            "weight_decay": weight_decay,
-            "T": T,
-            "loss_average": loss_average,
-            "lr_cov": lr_cov,
-            "kfac_approx": kfac_approx,
-            "factor_dtype": factor_dtype,
-            "inverse_dtype": inverse_dtype,
-            "kl_clip": kl_clip,
-            "fallback": fallback,
-            "fallback_betas": fallback_betas,
-            "fallback_eps": fallback_eps,
-        }
-        super().__init__(
-            model,
-            params,
-            defaults,
-            warn_unsupported=warn_unsupported,
-            init_grad_scale=init_grad_scale,
-            grad_scaler=grad_scaler,
-            distributed=distributed,
-        )
+        defaults, constructor = split_options(KFAC, options)
+        defaults.update(factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+        super().__init__(model, params, defaults, **constructor)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

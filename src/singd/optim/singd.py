@@ -14,24 +14,28 @@ Paper symbol ↔ argument: β₂ ``lr``, α₂ ``momentum``, λ ``damping``, α�
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from singd.config import LayerPlan, SINGDConfig, dtype_name
-from singd.distributed import Distributor
 from singd.functional import FactorState
 from singd.optim.base import KroneckerOptimizer, Layer
+from singd.optim.options import KroneckerOptions, shared_options, split_options
 from singd.optim.validation import BOUNDS, check_bool, check_factor_step, parse_dtype
 from singd.preconditioners import SINGDPreconditioner
 from singd.preconditioners.singd import input_curvature, output_curvature
 from singd.structures import StructuredMatrix, parse_structure
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["SINGD", "input_curvature", "output_curvature"]
 
 
+@shared_options()
 class SINGD(KroneckerOptimizer):
     r"""Structured inverse-free natural gradient descent (IKFAC, INGD and SINGD).
 
@@ -45,51 +49,20 @@ class SINGD(KroneckerOptimizer):
             found by their module type.
         params: None (every trainable weight/bias of a supported layer), a list of
             parameters, or param-group dicts overriding any keyword below except
-            ``model``, ``warn_unsupported`` and ``init_grad_scale``.
-        lr: β₂, the parameter learning rate.
-        momentum: α₂, heavy-ball momentum of the parameter step.
-        damping: λ.
+            ``model``, ``warn_unsupported``, ``init_grad_scale``, ``grad_scaler`` and
+            ``distributed``.
+        <shared options>
         alpha1: α₁, Riemannian momentum of the factors (forced to 0 with
             ``kfac_like=True``).
-        weight_decay: γ, coupled L2 term added to the preconditioned gradient.
-        T: Refresh the factors every ``T`` steps (when ``step % T == 0``).
-        loss_average: ``None`` (summed loss), ``"batch"`` or ``"batch+sequence"``:
-            how the loss averages, which sets the scale of the gradient statistics.
-        lr_cov: β₁, the factor step size; a float, or a callable of the step.
         structures: Structures of (K, m_K) and (C, m_C): names such as ``"dense"``,
             ``"diagonal"`` (see :func:`singd.structures.available_structures`) or
             :class:`~singd.structures.Structure` specs.
-        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers.
-        warn_unsupported: Warn about trainable parameters SINGD does not train.
         kfac_like: True gives IKFAC (no Riemannian momentum, constant damping).
         preconditioner_dtype: Dtypes of (K, m_K, H_K) and (C, m_C, H_C); None
             uses the weight's dtype.
-        init_grad_scale: Gradient scale assumed before the first step (set it to
-            your GradScaler's initial scale).
         normalize_lr_cov: Normalised steps on the factors:
             :math:`\beta_1 / \max(1, \|m\|_\infty)`, with momentum scaled by 1−α₁.
-
-        kl_clip: Optional bound :math:`c` on the quadratic-model KL change of a
-            step: the natural gradients of a param group are scaled by
-            :math:`\nu = \min(1, \sqrt{c / (\beta_2^2 \sum_l \langle \nabla W_l,
-            \Delta_l\rangle)})` (as KFAC implementations offer). None: no clipping.
-        grad_scaler: The ``torch.amp.GradScaler`` of the training loop, if any. It
-            supplies ``init_grad_scale``, and it is required when you call
-            ``scaler.unscale_(optimizer)`` before ``scaler.step`` (to clip).
-        fallback: Rule for every trainable parameter without Kronecker factors
-            (norm layers, raw parameters, shared/tied weights, layers whose hooks
-            never fire): ``"adamw"`` (default; decoupled ``weight_decay``),
-            ``"sgd"`` (heavy-ball ``momentum``, coupled ``weight_decay``) or
-            ``None`` (leave them to another optimizer, as the published SINGD).
-            It uses its param group's ``lr``, so LR schedulers drive it too; put
-            those parameters in their own group for a different learning rate.
-        fallback_betas: AdamW's (β₁, β₂) for the fallback.
-        fallback_eps: AdamW's ε for the fallback.
-        distributed: Data-parallel strategy (:mod:`singd.distributed`):
-            ``"auto"`` (replicated if the model is DDP-wrapped or several ranks run,
-            else none), ``"replicated"``, ``"sharded"`` (each rank owns the factors
-            of some layers; for large dense factors), ``None`` (no communication), or
-            a :class:`~singd.distributed.Distributor`.
+        <constructor options>
 
     Raises:
         ValueError: For invalid hyper-parameters or names (the message lists the
@@ -105,56 +78,23 @@ class SINGD(KroneckerOptimizer):
         self,
         model: nn.Module,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
-        lr: float = 0.001,
-        momentum: float = 0.9,
-        damping: float = 0.001,
+        *,
         alpha1: float = 0.5,
-        weight_decay: float = 0.0,
-        T: int = 10,
-        loss_average: str | None = "batch",
-        lr_cov: float | Callable[[int], float] = 1e-2,
         structures: tuple[str, str] = ("dense", "dense"),
-        kfac_approx: str = "expand",
-        warn_unsupported: bool = True,
         kfac_like: bool = False,
         preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
-        init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
-        kl_clip: float | None = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
-        fallback: str | None = "adamw",
-        fallback_betas: tuple[float, float] = (0.9, 0.999),
-        fallback_eps: float = 1e-8,
-        distributed: str | Distributor | None = "auto",
+        **options: Unpack[KroneckerOptions],
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "damping": damping,
-            "alpha1": alpha1,
-            "weight_decay": weight_decay,
-            "T": T,
-            "loss_average": loss_average,
-            "lr_cov": lr_cov,
-            "structures": structures,
-            "kfac_approx": kfac_approx,
-            "kfac_like": kfac_like,
-            "preconditioner_dtype": preconditioner_dtype,
-            "normalize_lr_cov": normalize_lr_cov,
-            "kl_clip": kl_clip,
-            "fallback": fallback,
-            "fallback_betas": fallback_betas,
-            "fallback_eps": fallback_eps,
-        }
-        super().__init__(
-            model,
-            params,
-            defaults,
-            warn_unsupported=warn_unsupported,
-            init_grad_scale=init_grad_scale,
-            grad_scaler=grad_scaler,
-            distributed=distributed,
+        defaults, constructor = split_options(SINGD, options)
+        defaults.update(
+            alpha1=alpha1,
+            structures=structures,
+            kfac_like=kfac_like,
+            preconditioner_dtype=preconditioner_dtype,
+            normalize_lr_cov=normalize_lr_cov,
         )
+        super().__init__(model, params, defaults, **constructor)
 
     # --- hyper-parameters ----------------------------------------------------------
     def _validate_group(self, group: dict[str, Any]) -> None:
