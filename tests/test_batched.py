@@ -1,15 +1,30 @@
-"""The multi-tensor forms (:mod:`singd.functional.batched`) equal the per-matrix forms."""
+"""The multi-tensor forms equal the per-matrix forms.
+
+* :mod:`singd.functional.batched`: the pure refresh and the preconditioning of a list of
+  diagonal layers against :func:`update_factors` / :func:`natural_gradient`;
+* the optimizer: SINGD with diagonal factors batched (:mod:`singd.preconditioners.diagonal`)
+  against the same optimizer one layer at a time (``batch_key`` returning None), over
+  refresh intervals, momenta, IKFAC, a GradScaler, a checkpoint loaded mid-run and a
+  non-finite batch.
+"""
 
 from __future__ import annotations
 
+import copy
 import itertools
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
+from singd import SINGD
 from singd.functional import FactorHyperparams, FactorState, natural_gradient, update_factors
-from singd.functional.batched import DiagonalGroup, all_finite, commit_if_finite
-from singd.structures import Diagonal, DiagonalMatrix, parse_structure
+from singd.functional.batched import DiagonalFactors, DiagonalGroup
+from singd.preconditioners import SINGDPreconditioner
+from singd.preconditioners.diagonal import DiagonalBatch
+from singd.structures import Diagonal, DiagonalMatrix
+from tests.tolerances import assert_close
 
 DIAG = Diagonal()
 #: (d_K, d_C) of the layers of one batch: different sizes, one without bias
@@ -51,6 +66,20 @@ CASES = [
 ]
 
 
+def _flat(states: list[FactorState]) -> DiagonalFactors:
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(s, name) for s in states]
+        return None if parts[0] is None else torch.cat([p.diag for p in parts])
+
+    k, c = cat("K"), cat("C")
+    assert k is not None and c is not None
+    return DiagonalFactors(k, c, cat("m_K"), cat("m_C"))
+
+
+def _group() -> DiagonalGroup:
+    return DiagonalGroup(DIMS, SHAPES, BIAS, torch.float64, torch.float64, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_diagonal_refresh_equals_the_per_matrix_update(case: dict) -> None:
     generator = torch.Generator().manual_seed(0)
@@ -70,64 +99,29 @@ def test_diagonal_refresh_equals_the_per_matrix_update(case: dict) -> None:
         H_K = state.K.from_inner_diagonal(sK) if case["raw"] else _diag(sK)
         H_C = state.C.from_inner_diagonal(sC) if case["raw"] else _diag(sC)
         expected.append(update_factors(state, H_K, H_C, hp, case["u"]))
-    batch = DiagonalGroup(DIMS, SHAPES, BIAS, torch.float64, torch.float64, torch.device("cpu"))
-    flags = batch.refresh(
-        states,
-        [_diag(s.clone()) for s in stats_K],
-        [_diag(s.clone()) for s in stats_C],
-        hp,
-        case["u"],
-        raw=case["raw"],
-    )
-    assert flags.tolist() == [True] * len(DIMS)
-    for got, want in zip(states, expected, strict=True):
-        for name in ("K", "C", "m_K", "m_C"):
-            g, w = getattr(got, name), getattr(want, name)
-            assert (g is None) == (w is None) == (not momentum and name.startswith("m"))
-            if w is not None:
-                torch.testing.assert_close(g.diag, w.diag, rtol=1e-13, atol=1e-14)
-    # the k², c² buffers hold the new factors' squares
-    torch.testing.assert_close(batch.k2, torch.cat([s.K.diag for s in states]) ** 2)
-    torch.testing.assert_close(batch.c2, torch.cat([s.C.diag for s in states]) ** 2)
-
-
-def test_non_finite_layer_keeps_its_factors_and_the_others_refresh() -> None:
-    generator = torch.Generator().manual_seed(1)
-    states = _states(True, generator)
-    before = _clone(states)
-    hp = FactorHyperparams(0.1, 0.1, 0.5, kfac_like=False, normalize_lr_cov=False)
-    H_K = [_diag(torch.rand(d, dtype=torch.float64, generator=generator)) for d, _ in DIMS]
-    H_C = [_diag(torch.rand(d, dtype=torch.float64, generator=generator)) for _, d in DIMS]
-    H_K[1].diag[2] = float("inf")  # layer 1: non-finite statistics
-    batch = DiagonalGroup(DIMS, SHAPES, BIAS, torch.float64, torch.float64, torch.device("cpu"))
-    flags = batch.refresh(states, H_K, H_C, hp)
-    assert flags.tolist() == [True, False, True]
-    for name in ("K", "C", "m_K", "m_C"):
-        assert torch.equal(getattr(states[1], name).diag, getattr(before[1], name).diag)
-        assert not torch.equal(getattr(states[0], name).diag, getattr(before[0], name).diag)
-
-
-def test_commit_if_finite_chooses_on_the_device() -> None:
-    structure = parse_structure("block_diagonal(2)")
-    old = FactorState(K=structure.eye(3), C=structure.eye(2))
-    new = FactorState(K=structure.eye(3).mul_(2.0), C=structure.eye(2).mul_(3.0))
-    assert all_finite(new).item()
-    kept = commit_if_finite(old, new, torch.tensor(False))
-    taken = commit_if_finite(old, new, torch.tensor(True))
-    assert torch.equal(kept.K.to_dense(), old.K.to_dense())
-    assert torch.equal(taken.C.to_dense(), new.C.to_dense())
-    new.C.tensors()["blocks"][0, 0, 0] = float("nan")
-    assert not all_finite(new).item()
+    old = _flat(states)
+    before = [t.clone() for t in old.tensors()]
+    h_k, h_c = torch.cat(stats_K), torch.cat(stats_C)
+    new = _group().refresh(old, h_k, h_c, hp, case["u"], raw=case["raw"])
+    # pure: the inputs are untouched
+    for t, b in zip(old.tensors(), before, strict=True):
+        assert torch.equal(t, b)
+    assert torch.equal(h_k, torch.cat(stats_K)) and torch.equal(h_c, torch.cat(stats_C))
+    assert (new.m_k is None) == (new.m_c is None) == (not momentum)
+    want = _flat(expected)
+    for got_t, want_t in zip(new.tensors(), want.tensors(), strict=True):
+        torch.testing.assert_close(got_t, want_t, rtol=1e-13, atol=1e-14)
 
 
 def test_diagonal_precondition_equals_the_natural_gradient() -> None:
     generator = torch.Generator().manual_seed(2)
     states = _states(False, generator)
-    batch = DiagonalGroup(DIMS, SHAPES, BIAS, torch.float64, torch.float64, torch.device("cpu"))
-    batch.load([s.K.diag for s in states], [s.C.diag for s in states])
+    group = _group()
+    flat = _flat(states)
+    group.set_squares(flat.k, flat.c)
     weights = [torch.randn(shape, dtype=torch.float64, generator=generator) for shape in SHAPES]
     biases = [torch.randn(d_C, dtype=torch.float64, generator=generator) for _, d_C in DIMS[:2]]
-    got = batch.precondition(weights + biases)
+    got = group.precondition(weights + biases)
     for i, (state, w) in enumerate(zip(states, weights, strict=True)):
         G = w.flatten(1)
         if BIAS[i]:
@@ -136,3 +130,157 @@ def test_diagonal_precondition_equals_the_natural_gradient() -> None:
         torch.testing.assert_close(got[i].flatten(1), want[:, : G.shape[1] - BIAS[i]])
         if BIAS[i]:
             torch.testing.assert_close(got[len(SHAPES) + i], want[:, -1])
+
+
+# --- the optimizer: batched against one layer at a time -----------------------------------
+def _model() -> nn.Sequential:
+    """Two convolutions and three linears of different shapes (one without bias)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 10),
+        nn.Tanh(),
+        nn.Linear(10, 10, bias=False),
+        nn.Tanh(),
+        nn.Linear(10, 5),
+    ).double()
+
+
+def _batches(steps: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(6, 2, 8, 8, dtype=torch.float64, generator=generator),
+            torch.randint(5, (6,), generator=generator),
+        )
+        for _ in range(steps)
+    ]
+
+
+def _run(
+    kwargs: dict,
+    *,
+    batched: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    steps: int = 5,
+    micro_batches: int = 1,
+    scaler_scale: float | None = None,
+    reload_at: int | None = None,
+) -> tuple[nn.Module, SINGD]:
+    with monkeypatch.context() as patch:
+        if not batched:
+            patch.setattr(SINGDPreconditioner, "batch_key", lambda self: None)
+        model = _model()
+        options = {"lr": 5e-2, "lr_cov": 5e-2, "damping": 1e-3, "weight_decay": 1e-2, **kwargs}
+        optim = SINGD(model, structures=("diagonal", "diagonal"), **options)
+        scaler = None
+        if scaler_scale is not None:
+            scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale, growth_interval=2)
+            optim = SINGD(model, structures=("diagonal", "diagonal"), grad_scaler=scaler, **options)
+        loss_func = nn.CrossEntropyLoss()
+        for step, (X, y) in enumerate(_batches(steps)):
+            if reload_at is not None and step == 1:
+                saved = copy.deepcopy(optim.state_dict())
+            if reload_at is not None and step == reload_at:
+                # back to the state of step 1 (other factors than the live ones), in the
+                # same optimizer: the layers' tensors are replaced behind the batch's back
+                optim.load_state_dict(saved)
+            optim.zero_grad()
+            for X_m, y_m in zip(X.chunk(micro_batches), y.chunk(micro_batches), strict=True):
+                loss = loss_func(model(X_m), y_m) / micro_batches
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.step(optim)
+                scaler.update()
+            else:
+                optim.step()
+        if batched:  # the batched path did run
+            assert any(
+                isinstance(pre, SINGDPreconditioner) and pre.batches
+                for pre in optim.preconditioners.values()
+            )
+    return model, optim
+
+
+def _assert_same(a: tuple[nn.Module, SINGD], b: tuple[nn.Module, SINGD]) -> None:
+    for (name, p), q in zip(a[0].named_parameters(), b[0].parameters(), strict=True):
+        assert_close(p, q, msg=f"parameter {name}")
+        buffers = a[1].state[p].get("momentum_buffer"), b[1].state[q].get("momentum_buffer")
+        assert (buffers[0] is None) == (buffers[1] is None)
+        if buffers[0] is not None:
+            assert_close(buffers[0], buffers[1], msg=f"momentum of {name}")
+    for name, pre in a[1].preconditioners.items():
+        theirs = b[1].preconditioners[name].state_dict()
+        for key, t in pre.state_dict().items():
+            assert_close(t, theirs[key], msg=f"{key} of {name}")
+
+
+OPTIONS = [
+    pytest.param({"T": 1}, id="T1"),
+    pytest.param({"T": 2, "alpha1": 0.0, "momentum": 0.0}, id="T2-no-momenta"),
+    pytest.param({"T": 1, "kfac_like": True}, id="IKFAC"),
+    pytest.param({"T": 1, "normalize_lr_cov": True}, id="normalized"),
+]
+
+
+@pytest.mark.parametrize("kwargs", OPTIONS)
+def test_batched_optimizer_equals_one_layer_at_a_time(
+    kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _assert_same(
+        _run(kwargs, batched=True, monkeypatch=monkeypatch),
+        _run(kwargs, batched=False, monkeypatch=monkeypatch),
+    )
+
+
+def test_batched_with_accumulation_scaler_and_reload(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = dict(micro_batches=2, scaler_scale=2.0**10)
+    _assert_same(
+        _run({"T": 1}, batched=True, monkeypatch=monkeypatch, **options),
+        _run({"T": 1}, batched=False, monkeypatch=monkeypatch, **options),
+    )
+    _assert_same(  # a checkpoint replaces the layers' tensors: the batch concatenates anew
+        _run({"T": 2}, batched=True, monkeypatch=monkeypatch, reload_at=3),
+        _run({"T": 2}, batched=False, monkeypatch=monkeypatch, reload_at=3),
+    )
+
+
+def test_layers_hold_views_of_the_batch_and_a_non_finite_step_changes_nothing() -> None:
+    model = _model()
+    optim = SINGD(model, structures=("diagonal", "diagonal"), lr=5e-2, lr_cov=5e-2)
+    loss_func = nn.CrossEntropyLoss()
+    (X, y), (X_bad, _) = _batches(2)
+    optim.zero_grad()
+    loss_func(model(X), y).backward()
+    optim.step()
+    pres = list(optim.preconditioners.values())
+    (batch,) = [b for pre in pres for b in pre.batches.values()]  # type: ignore[attr-defined]
+    assert isinstance(batch, DiagonalBatch)
+    flat = batch.current()
+    assert all(pre.state.K.diag.data_ptr() >= flat.k.data_ptr() for pre in pres)  # type: ignore[attr-defined]
+    assert flat.k.numel() == sum(pre.plan.d_K for pre in pres)
+    params = [p.detach().clone() for p in model.parameters()]
+    states = {
+        name: {k: t.clone() for k, t in pre.state_dict().items()}
+        for name, pre in optim.preconditioners.items()
+    }
+    X_bad[0, 0, 0, 0] = float("nan")
+    optim.zero_grad()
+    loss_func(model(X_bad), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optim.step()
+    assert any("skipped" in str(w.message) for w in caught)
+    for p, before in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, before)
+    for name, pre in optim.preconditioners.items():
+        for key, t in pre.state_dict().items():
+            assert torch.equal(t, states[name][key]), (name, key)
+    # and the next good step trains from there (the k², c² buffers were refilled)
+    optim.zero_grad()
+    loss_func(model(X), y).backward()
+    optim.step()
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), params, strict=True))

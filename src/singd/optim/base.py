@@ -37,6 +37,7 @@ and a preconditioner factory.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from abc import ABC
 from collections.abc import Callable, Iterable, Mapping
@@ -57,12 +58,11 @@ from singd.amp import (
 from singd.capture import StatisticsCapture
 from singd.config import GroupConfig
 from singd.distributed import Distributor, KroneckerLayer, resolve_distributor, unwrap_model
-from singd.functional import kl_clip_factor, parameter_step
 from singd.optim.checkpoint import CheckpointMixin
-from singd.optim.fallback import find_fallback
 from singd.optim.groups import GroupConfigs
 from singd.optim.guard import StepGuard, Verdict, VerdictQueue
 from singd.optim.layer_registry import Layer, LayerGroupsMixin, LayerRegistry
+from singd.optim.phases import StepPhasesMixin
 from singd.optim.validation import (
     BOUNDS,
     FALLBACK_DEFAULTS,
@@ -71,6 +71,7 @@ from singd.optim.validation import (
     resolve_lr_cov,
 )
 from singd.preconditioners import LayerPreconditioner
+from singd.preconditioners.base import Refreshed
 
 __all__ = ["PROFILER_LABELS", "KroneckerOptimizer", "Layer"]
 
@@ -85,7 +86,18 @@ PROFILER_LABELS: dict[str, str] = {
 }
 
 
-class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
+def profiler_range(name: str) -> contextlib.AbstractContextManager[object]:
+    """``record_function(name)`` while a profiler runs, else nothing.
+
+    Opening a range dispatches two operations even without a profiler (host time on
+    every step, and per layer in the backward hooks); compiled code skips them.
+    """
+    if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
+        return record_function(name)
+    return contextlib.nullcontext()
+
+
+class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, StepPhasesMixin, ABC):
     """Base class: layers, hooks, group configurations and the step skeleton."""
 
     #: False: ``scaler.step`` unscales the gradients and skips ``step()`` on inf/NaN
@@ -224,7 +236,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
 
     def _on_statistics(self, layer_name: str, x: Tensor, grad_output: Tensor) -> None:
         pre = self._preconditioners[layer_name]
-        with autocast_disabled(), record_function(PROFILER_LABELS["statistics"]):
+        with autocast_disabled(), profiler_range(PROFILER_LABELS["statistics"]):
             pre.accumulate(x, grad_output, self._scales.previous(self.steps))
 
     def _before_unscale(self, scaler: torch.amp.GradScaler) -> None:
@@ -332,24 +344,26 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         guard = StepGuard(self._guard_device())
         if found_inf is not None:
             guard.require_zero("found_inf from the GradScaler", found_inf)
-        undo: list[Callable[[], None]] = []
+        refreshed = Refreshed()
         try:
-            with record_function(PROFILER_LABELS["refresh"]):
+            with profiler_range(PROFILER_LABELS["refresh"]):
                 h_c_unscale = self._scales.h_c_unscale(t)
-                replaced = self._refresh_layers(due, lr_covs, h_c_unscale, guard, undo)
-            with record_function(PROFILER_LABELS["precondition"]):
-                natural_gradients = self._natural_gradients(grad_divisor)
-            targets, values = self._parameter_updates(natural_gradients, guard)
+                self._refresh_layers(due, lr_covs, h_c_unscale, guard, refreshed)
+            with profiler_range(PROFILER_LABELS["precondition"]):
+                batched, single = self._directions(grad_divisor, guard)
+            targets, values = self._parameter_updates(batched, single, guard)
             self._guarded_fallback(guard, grad_divisor)
         except BaseException:
             guard.abort()
-            for restore in reversed(undo):
+            for restore in reversed(refreshed.undo):
                 restore()
             raise
         guard.finish()
         guard.commit_(targets, values)
-        for new, old in replaced:
+        for new, old in refreshed.replaced:
             guard.select_(new, old)
+        for after_commit in refreshed.after_commit:
+            after_commit()
         for pre in self._preconditioners.values():
             pre.drop_statistics()  # (also those of layers not due after a correction)
         self.steps += 1
@@ -404,154 +418,6 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         """β₁ of group ``index`` at this step (read live: a number or a schedule), checked."""
         return resolve_lr_cov(self.param_groups[index]["lr_cov"], self.steps, table=self._BOUNDS)
 
-    def _refresh_layers(
-        self,
-        due: list[Layer],
-        lr_covs: dict[int, float],
-        h_c_unscale: float,
-        guard: StepGuard,
-        undo: list[Callable[[], None]],
-    ) -> list[tuple[list[Tensor], list[Tensor]]]:
-        """Refresh the due layers this rank owns; return (new, old) state tensors.
-
-        A refresh writes new tensors (the old ones are kept until the commit); their
-        finiteness is checked under the layer's name.
-        """
-        replaced: list[tuple[list[Tensor], list[Tensor]]] = []
-        for layer in due:
-            if not self._distributor.owns(layer.name):
-                continue
-            pre = self._preconditioners[layer.name]
-            if not pre.has_statistics():
-                continue  # (unused in this step, or a correction of the schedule)
-            statistics = pre.statistics_snapshot()
-            old = pre.state_dict()
-            lr_cov = lr_covs[self._registry.group_of_layer[layer.name]]
-            _, restore = pre.refresh(lr_cov, h_c_unscale)
-
-            def undo_refresh(
-                pre: LayerPreconditioner = pre,
-                restore: Callable[[], None] = restore,
-                statistics: dict[str, Any] = statistics,
-            ) -> None:
-                restore()
-                pre.restore_statistics(statistics)
-
-            undo.append(undo_refresh)
-            new = pre.state_dict()
-            names = [k for k in new if k in old]
-            if any(new[k] is old[k] for k in names):
-                raise RuntimeError(
-                    f"The refresh of layer {layer.name!r} wrote its state in place; the step "
-                    "guard needs new tensors (the old ones are kept until the step commits)."
-                )
-            guard.check(f"layer {layer.name!r}", new.values())
-            replaced.append(([new[k] for k in names], [old[k] for k in names]))
-        return replaced
-
-    def _parameter_updates(
-        self, natural_gradients: dict[str, tuple[Tensor, Tensor]], guard: StepGuard
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """New values of the Kronecker layers' parameters and momentum buffers (not
-        written yet), checked under each layer's name; returns (targets, new values)."""
-        targets: list[Tensor] = []
-        values: list[Tensor] = []
-        for index, group in enumerate(self.param_groups):
-            config = self._config(index)
-            params: list[Tensor] = []
-            directions: list[Tensor] = []
-            kl_terms: list[Tensor] = []
-            labels: list[str] = []
-            for name, pre in self._preconditioners.items():
-                layer = pre.layer
-                if self._registry.group_of_layer[name] != index or name not in natural_gradients:
-                    continue
-                G, update = natural_gradients[name]
-                guard.check_squares(f"layer {name!r}", [G])
-                if config.kl_clip is not None:
-                    kl_terms.append((G * update).sum())
-                parts = layer.adapter.split_matrix(update)
-                for p, d in zip(layer.params, parts, strict=True):
-                    if self._trains_with_factors(layer, p):
-                        params.append(p)
-                        directions.append(d.clone() if d is p.grad else d)
-                        labels.append(f"layer {name!r}")
-            if not params:
-                continue
-            if kl_terms and config.kl_clip is not None:
-                nu = kl_clip_factor(kl_terms, lr=group["lr"], kl_clip=config.kl_clip)
-                directions = [d * nu.to(d.dtype) for d in directions]
-            buffers = None
-            if config.momentum != 0:
-                buffers = []
-                for param in params:
-                    state = self.state[param]
-                    if "momentum_buffer" not in state:  # (zeros: the same first step)
-                        state["momentum_buffer"] = torch.zeros_like(param)
-                    buffers.append(state["momentum_buffer"])
-            new_params, new_buffers = parameter_step(
-                params,
-                directions,
-                buffers,
-                lr=group["lr"],
-                momentum=config.momentum,
-                weight_decay=config.weight_decay,
-            )
-            for label, new_p in zip(labels, new_params, strict=True):
-                guard.check(label, [new_p])
-            for label, new_b in zip(labels, new_buffers, strict=False):
-                guard.check(label, [new_b])
-            targets += params + (buffers or [])
-            values += [*new_params, *new_buffers]
-        return targets, values
-
-    def _orphans(self, index: int) -> list[Tensor]:
-        """Parameters of group ``index``'s layers with a gradient while the layer's
-        weight is frozen (a trainable bias): the fallback rule trains them."""
-        return [
-            p
-            for name, pre in self._preconditioners.items()
-            if self._registry.group_of_layer[name] == index and not pre.layer.weight.requires_grad
-            for p in pre.layer.params
-            if p is not pre.layer.weight and p.grad is not None
-        ]
-
-    def _trains_with_factors(self, layer: Layer, p: Tensor) -> bool:
-        """Whether ``p`` (a parameter of ``layer``) gets the Kronecker update this step."""
-        return p.requires_grad and (p is layer.weight or p.grad is not None)
-
-    def _guarded_fallback(self, guard: StepGuard, grad_divisor: float) -> None:
-        """The fallback rules (in place) under the guard, per parameter name."""
-        for index, group in enumerate(self.param_groups):
-            config = self._config(index)
-            params = [
-                p
-                for p in group["params"]
-                if self._registry.fallback_group.get(p) == index and p.grad is not None
-            ]
-            params += self._orphans(index)
-            if config.fallback is None or not params:
-                continue
-            grads = [p.grad if grad_divisor == 1.0 else p.grad / grad_divisor for p in params]
-            names = [f"parameter {self._param_names.get(p, '?')!r}" for p in params]
-            for name, g in zip(names, grads, strict=True):
-                guard.check_squares(name, [g])
-            rule = find_fallback(config.fallback)
-            states = [self.state[p] for p in params]
-            lr = group["lr"]
-
-            def update(
-                rule: Any = rule,
-                params: list[Tensor] = params,
-                grads: list[Tensor] = grads,
-                states: list[dict[str, Any]] = states,
-                config: GroupConfig = config,
-                lr: float = lr,
-            ) -> None:
-                rule(params, grads, states, config, lr)
-
-            guard.guard_in_place(names, params, states, update)
-
     def _read_verdicts(
         self, just_ran: tuple[int, dict[int, float]] | None = None, block: bool = False
     ) -> bool:
@@ -602,24 +468,6 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, ABC):
         """
         self._read_verdicts(block=True)
         return list(self._verdicts.skipped)
-
-    def _natural_gradients(self, grad_divisor: float) -> dict[str, tuple[Tensor, Tensor]]:
-        """(gradient matrix, natural gradient) of every layer with a gradient.
-
-        This rank preconditions the layers it owns (all of them unless sharded); the
-        distributor shares the results so every rank applies the same update.
-        """
-        grads: dict[str, Tensor] = {}
-        for name, pre in self._preconditioners.items():
-            if pre.layer.weight.grad is not None:
-                G = pre.layer.adapter.grad_matrix()
-                grads[name] = G / grad_divisor if grad_divisor != 1.0 else G
-        owned = {
-            name: self._preconditioners[name].precondition(G)
-            for name, G in self._distributor.owned_gradients(self, grads).items()
-        }
-        updates = self._distributor.share_updates(self, owned, grads)
-        return {name: (G, updates[name]) for name, G in grads.items()}
 
     def synchronize_gradients(self) -> None:
         """Reduce the gradients over data-parallel ranks now, instead of in ``step()``.

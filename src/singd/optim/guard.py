@@ -13,13 +13,14 @@ launch-bound step cannot afford. Instead a step is *computed out of place* and
    (``found_inf`` of a ``GradScaler``).
 3. :attr:`StepGuard.ok` reduces all of it **on the device** to one 0-dim bool:
    one ``_foreach_norm(·, inf)`` over the checked tensors (max-abs: propagates
-   inf/NaN and never overflows, unlike a sum), ``isfinite`` and one ``index_add``
-   into a per-label failure count.
+   inf/NaN and never overflows, unlike a sum), stacked and compared with a bound per
+   tensor (``≤`` is False for NaN and inf), then ``all``: four operations for any
+   number of tensors. The per-tensor results go to the host, which names the labels.
 4. :meth:`StepGuard.commit_` writes ``torch.where(ok, new, old)`` into each old
    tensor (in place, one kernel per tensor, no branch on the host);
    :meth:`StepGuard.select_` does the same into the new tensors (for state that is
    replaced rather than overwritten, e.g. factor objects).
-5. :meth:`StepGuard.verdict` starts a non-blocking copy of the per-label counts to
+5. :meth:`StepGuard.verdict` starts a non-blocking copy of the per-check results to
    the host and returns a :class:`Verdict`; host-side bookkeeping that a skipped
    step must undo (the step counter, AdamW's step counts, gradient scales) is
    registered with :meth:`StepGuard.on_skip` and runs when the verdict is read.
@@ -59,19 +60,24 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-_INDEX_CACHE: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+_BOUNDS_CACHE: dict[tuple[tuple[bool, ...], torch.dtype, torch.device], Tensor] = {}
 
 
-def _label_index(labels: list[int], device: torch.device) -> Tensor:
-    """The label of each checked tensor as a device tensor, cached: a step checks the same
-    tensors every time, and a fresh host-to-device copy per step would be avoidable work."""
-    key = (device, tuple(labels))
-    index = _INDEX_CACHE.get(key)
-    if index is None:
-        if len(_INDEX_CACHE) >= 64:
-            _INDEX_CACHE.clear()
-        index = _INDEX_CACHE[key] = torch.tensor(labels, device=device)
-    return index
+def _bounds(squared: tuple[bool, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The largest max-abs each checked tensor may have: the largest finite value of
+    ``dtype``, or √(float32 max) for those whose square must be finite in float32.
+    Cached: a step checks the same tensors every time, and a fresh host-to-device copy
+    per step would be avoidable work."""
+    key = (squared, dtype, device)
+    bounds = _BOUNDS_CACHE.get(key)
+    if bounds is None:
+        if len(_BOUNDS_CACHE) >= 64:
+            _BOUNDS_CACHE.clear()
+        largest = torch.finfo(dtype).max
+        root = torch.finfo(torch.float32).max ** 0.5
+        values = [root if s else largest for s in squared]
+        bounds = _BOUNDS_CACHE[key] = torch.tensor(values, dtype=dtype, device=device)
+    return bounds
 
 
 _INTERNAL = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
@@ -102,27 +108,30 @@ class Verdict:
 
     Attributes:
         step: The step counter the step ran with.
-        labels: The labels the guard checked, in order.
-        counts: Per-label failure counts (host memory; filled when ``event`` completes).
+        labels: The label of each check, in order (repeated for checks of one label).
+        passed: Per check: passed (host memory; filled when ``event`` completes).
         event: The device event after the copy (None on the CPU: ready at once).
         undo: Host bookkeeping to undo if the step failed.
     """
 
     step: int
     labels: list[str]
-    counts: Tensor
+    passed: Tensor
     event: torch.Event | None
     undo: list[Callable[[], None]]
 
     def ready(self) -> bool:
-        """Whether the counts have reached the host (never waits)."""
+        """Whether the results have reached the host (never waits)."""
         return self.event is None or self.event.query()
 
     def failed(self) -> list[str]:
-        """The labels with inf/NaN (waits for the copy if it has not completed)."""
+        """The labels with inf/NaN, each once, in order (waits for the copy if needed)."""
         if self.event is not None:
             self.event.synchronize()
-        return [label for label, n in zip(self.labels, self.counts.tolist(), strict=True) if n]
+        failed = [
+            label for label, ok in zip(self.labels, self.passed.tolist(), strict=True) if not ok
+        ]
+        return list(dict.fromkeys(failed))
 
 
 class StepGuard:
@@ -143,18 +152,19 @@ class StepGuard:
         self._undo: list[Callable[[], None]] = []
         self._restores: list[tuple[list[Tensor], list[Tensor]]] = []
         self._resets: list[Tensor] = []
-        self._counts: Tensor | None = None
+        self._passed: Tensor | None = None
+        self._order: list[int] = []  # the label of each entry of passed
         self._ok: Tensor | None = None
 
     def _label(self, label: str) -> int:
-        if self._counts is not None:
+        if self._passed is not None:
             raise RuntimeError("StepGuard: checks must be registered before ok is read.")
         return self._labels.setdefault(label, len(self._labels))
 
     def check(self, label: str, tensors: Iterable[Tensor], *, squared: bool = False) -> None:
         """Require every element of ``tensors`` to be finite; a failure names ``label``.
 
-        DTensors (``fully_shard``) are checked by their local shards, and the counts are
+        DTensors (``fully_shard``) are checked by their local shards, and the failures are
         then summed over all ranks (one all-reduce, no host synchronisation), so every
         rank commits or skips the same step.
         """
@@ -187,33 +197,43 @@ class StepGuard:
         self._undo.append(undo)
 
     @property
-    def counts(self) -> Tensor:
-        """Per-label failure counts (float32, on the device); computed once."""
-        if self._counts is None:
-            counts = torch.zeros(len(self._labels), dtype=torch.float32, device=self.device)
+    def passed(self) -> Tensor:
+        """Per check (each checked tensor, then each zero flag): passed, as a bool vector
+        on the device; computed once."""
+        if self._passed is None:
+            self._order = []
+            parts: list[Tensor] = []
             for wide in (False, True):  # float64 tensors, and the others in float32
                 members = [
                     i for i, t in enumerate(self._checked) if (t.dtype == torch.float64) == wide
                 ]
                 if members:
-                    counts.index_add_(
-                        0,
-                        _label_index([self._checked_label[i] for i in members], self.device),
-                        self._bad(members, wide),
-                    )
-            for index, flag in self._zero_flags:
-                counts[index] += (flag.to(self.device).reshape(()) != 0).float()
+                    parts.append(self._within_bounds(members, wide))
+                    self._order += [self._checked_label[i] for i in members]
+            if self._zero_flags:
+                flags = torch.stack(
+                    [flag.to(self.device).reshape(()) for _, flag in self._zero_flags]
+                )
+                parts.append(flags == 0)
+                self._order += [index for index, _ in self._zero_flags]
+            if not parts:
+                passed = torch.ones(0, dtype=torch.bool, device=self.device)
+            else:
+                passed = parts[0] if len(parts) == 1 else torch.cat(parts)
             if self._sharded and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(counts)  # (every rank: the same verdict)
-            self._counts = counts
+                # every rank: the same verdict (a check fails if it fails on any rank)
+                failures = (~passed).float()
+                torch.distributed.all_reduce(failures)
+                passed = failures == 0
+            self._passed = passed
             self._checked.clear()  # (do not keep the step's temporaries alive)
             self._checked_label.clear()
             self._squared.clear()
-        return self._counts
+        return self._passed
 
-    def _bad(self, members: list[int], wide: bool) -> Tensor:
-        """1.0 for each of the checked tensors ``members`` with inf/NaN (or an overflowing
-        square, where asked), as one float tensor on the device."""
+    def _within_bounds(self, members: list[int], wide: bool) -> Tensor:
+        """For each of the checked tensors ``members``: its max-abs is finite (or, where
+        asked, its square is finite in float32), as one bool tensor on the device."""
         tensors = [self._checked[i] for i in members]
         # max-abs per tensor: inf/NaN propagate, finite values never overflow
         if wide:
@@ -221,18 +241,16 @@ class StepGuard:
         else:
             norms = torch._foreach_norm(tensors, float("inf"), dtype=torch.float32)
         values = torch.stack([n.to(self.device) for n in norms])
-        squared = [int(self._squared[i]) for i in members]
-        if any(squared):
-            # squares in float32's range (float64 too: the statistics are float32-sized)
-            squares = values.square().float().to(values.dtype)
-            values = torch.where(_label_index(squared, self.device) != 0, squares, values)
-        return (~torch.isfinite(values)).float()
+        # value ≤ bound: False for NaN and inf (bound: the dtype's largest finite
+        # value, or √(float32 max) where the square must be finite)
+        squared = tuple(self._squared[i] for i in members)
+        return values <= _bounds(squared, values.dtype, self.device)
 
     @property
     def ok(self) -> Tensor:
         """0-dim bool on the device: every check passed."""
         if self._ok is None:
-            self._ok = (self.counts == 0).all()
+            self._ok = self.passed.all()
         return self._ok
 
     def commit_(self, targets: Sequence[Tensor], new: Sequence[Tensor]) -> None:
@@ -313,15 +331,16 @@ class StepGuard:
 
     def verdict(self, step: int) -> Verdict:
         """Start copying the outcome to the host (non-blocking on accelerators)."""
-        counts = self.counts
-        if counts.device.type == "cpu":
-            host, event = counts, None
+        passed = self.passed
+        if passed.device.type == "cpu":
+            host, event = passed, None
         else:
-            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-            host.copy_(counts, non_blocking=True)
-            event = torch.Event(device=counts.device)
+            host = torch.empty(passed.shape, dtype=passed.dtype, pin_memory=True)
+            host.copy_(passed, non_blocking=True)
+            event = torch.Event(device=passed.device)
             event.record()
-        return Verdict(step, list(self._labels), host, event, list(self._undo))
+        labels = list(self._labels)
+        return Verdict(step, [labels[i] for i in self._order], host, event, list(self._undo))
 
 
 class VerdictQueue:

@@ -11,20 +11,28 @@ Life of a preconditioner within a step ``t`` (the optimizer drives it):
    pair through the layer at refresh steps (``t % T == 0``);
 2. data parallelism reduces :meth:`~LayerPreconditioner.statistics` in place (the
    live accumulator tensors) or drops them (:meth:`~LayerPreconditioner.drop_statistics`);
-3. :meth:`~LayerPreconditioner.refresh` turns the statistics into new state and
-   returns an all-finite flag (a device tensor, not synchronised) and an undo;
+3. :meth:`~LayerPreconditioner.refresh` turns the statistics into *new* state
+   tensors (the old ones stay untouched until the step guard commits,
+   :mod:`singd.optim.guard`) and returns an undo;
 4. :meth:`~LayerPreconditioner.precondition` maps the ``[d_C, d_K]`` gradient
    matrix to the natural gradient.
 
-Tensors are plain attributes (no closures hold them), and everything a refresh
-needs besides the live ``lr_cov`` is on the object (:attr:`plan`,
-:attr:`config`), so preconditioners with equal plans can be processed as a batch.
+**Batches.** Tensors are plain attributes (no closures hold them), and everything a
+refresh needs besides the live ``lr_cov`` is on the object (:attr:`plan`,
+:attr:`config`), so preconditioners with equal plans can be processed together: the
+optimizer groups the preconditioners of a param group by :meth:`batch_key` and calls
+the class's :meth:`refresh_batch` and :meth:`precondition_batch` once per batch. The
+default is one layer at a time (:meth:`refresh` and :meth:`precondition`); a
+preconditioner class whose math has a multi-tensor form overrides them (SINGD's
+diagonal factors, :mod:`singd.preconditioners.diagonal`), so that the number of
+operations of a step grows with the number of distinct layer kinds, not of layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +41,32 @@ from torch import Tensor
 if TYPE_CHECKING:
     from singd.config import GroupConfig, LayerPlan
     from singd.layers import Layer
+
+
+@dataclasses.dataclass
+class Refreshed:
+    """What refreshing a batch of preconditioners produced, for the step guard.
+
+    Attributes:
+        checks: (layer name, new state tensors that must be finite) per layer.
+        replaced: (new, old) tensor lists: the guard writes ``where(ok, new, old)``
+            into the new tensors (:meth:`~singd.optim.guard.StepGuard.select_`).
+        undo: Restores the state and statistics from before (the step raised).
+        after_commit: Runs once the new tensors hold the committed values (to refill
+            buffers derived from them).
+    """
+
+    checks: list[tuple[str, list[Tensor]]] = dataclasses.field(default_factory=list)
+    replaced: list[tuple[list[Tensor], list[Tensor]]] = dataclasses.field(default_factory=list)
+    undo: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    after_commit: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+
+    def extend(self, other: Refreshed) -> None:
+        """Add what another batch produced."""
+        self.checks += other.checks
+        self.replaced += other.replaced
+        self.undo += other.undo
+        self.after_commit += other.after_commit
 
 
 class LayerPreconditioner(ABC):
@@ -107,17 +141,71 @@ class LayerPreconditioner(ABC):
 
     # --- state -----------------------------------------------------------------------
     @abstractmethod
-    def refresh(self, lr_cov: float, h_c_unscale: float) -> tuple[Tensor, Callable[[], None]]:
+    def refresh(self, lr_cov: float, h_c_unscale: float) -> Callable[[], None]:
         """Update the state from the accumulated statistics (which are consumed).
 
+        The new state is held in new tensors (:meth:`state_dict` returns them); the
+        old ones are left as they were, so the step guard can choose between them.
+
         Returns:
-            A boolean scalar tensor (all new state finite; not synchronised) and a
-            function that restores the state from before this refresh.
+            A function that restores the state from before this refresh.
         """
 
     @abstractmethod
     def precondition(self, G: Tensor) -> Tensor:
         """Apply the preconditioner to the ``[d_C, d_K]`` gradient matrix."""
+
+    # --- batches (module docstring) ----------------------------------------------------
+    def batch_key(self) -> Hashable | None:
+        """Preconditioners of one class with equal keys are refreshed and preconditioned
+        together (:meth:`refresh_batch`, :meth:`precondition_batch`); None: alone."""
+        return None
+
+    @classmethod
+    def refresh_batch(
+        cls, batch: Sequence[LayerPreconditioner], lr_cov: float, h_c_unscale: float
+    ) -> Refreshed:
+        """Refresh every preconditioner of ``batch`` (all with statistics) with the
+        live β₁ ``lr_cov``; by default one at a time (:meth:`refresh`).
+
+        Raises:
+            RuntimeError: If a refresh wrote its state in place (the guard needs the
+                old tensors until the step commits).
+        """
+        out = Refreshed()
+        for pre in batch:
+            statistics = pre.statistics_snapshot()
+            old = pre.state_dict()
+            restore = pre.refresh(lr_cov, h_c_unscale)
+
+            def undo(
+                pre: LayerPreconditioner = pre,
+                restore: Callable[[], None] = restore,
+                statistics: dict[str, Any] = statistics,
+            ) -> None:
+                restore()
+                pre.restore_statistics(statistics)
+
+            out.undo.append(undo)
+            new = pre.state_dict()
+            names = [k for k in new if k in old]
+            if any(new[k] is old[k] for k in names):
+                raise RuntimeError(
+                    f"The refresh of layer {pre.name!r} wrote its state in place; the step "
+                    "guard needs new tensors (the old ones are kept until the step commits)."
+                )
+            out.checks.append((pre.name, list(new.values())))
+            out.replaced.append(([new[k] for k in names], [old[k] for k in names]))
+        return out
+
+    @classmethod
+    def precondition_batch(
+        cls, batch: Sequence[LayerPreconditioner], grad_divisor: float
+    ) -> list[list[Tensor]]:
+        """The natural gradient of every layer of ``batch`` (of equal :meth:`batch_key`,
+        not None; every parameter with a gradient), split like ``layer.params``, as new
+        tensors; the gradients are divided by ``grad_divisor`` first."""
+        raise NotImplementedError(f"{cls.__name__} has no batched preconditioning.")
 
     @abstractmethod
     def state_dict(self) -> dict[str, Tensor]:

@@ -87,7 +87,7 @@ class KFACPreconditioner(LayerPreconditioner):
         self.U = self.G = None
 
     # --- state -----------------------------------------------------------------------
-    def refresh(self, lr_cov: float, h_c_unscale: float) -> tuple[Tensor, Callable[[], None]]:
+    def refresh(self, lr_cov: float, h_c_unscale: float) -> Callable[[], None]:
         assert self.U is not None and self.G is not None
         state = self.layer_state()
         old = dict(state)
@@ -98,12 +98,11 @@ class KFACPreconditioner(LayerPreconditioner):
         state["S_C"] = ema_update(state["S_C"], G, lr_cov)
         state["P_K"] = damped_inverse(state["S_K"], config.damping, config.inverse_dtype)
         state["P_C"] = damped_inverse(state["S_C"], config.damping, config.inverse_dtype)
-        finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).all()
 
         def undo() -> None:
             self.state = old
 
-        return finite, undo
+        return undo
 
     def precondition(self, G: Tensor) -> Tensor:
         state = self.layer_state()

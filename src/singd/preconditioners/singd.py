@@ -5,15 +5,19 @@ At refresh steps the hooks accumulate :math:`H_K = \hat\Pi(K^\top U K)` and
 of :mod:`singd.functional.statistics`, sandwiched by the owner at the refresh);
 the refresh is :func:`singd.functional.update_factors`, the preconditioning
 :math:`C C^\top \nabla W K K^\top` (:func:`singd.functional.natural_gradient`).
+
+Layers whose K and C are both diagonal are refreshed and preconditioned *together*
+(:class:`singd.preconditioners.diagonal.DiagonalBatch`: a number of operations that
+does not grow with the number of layers); their hooks accumulate the factor-free
+diagonals :math:`\operatorname{diag}(U)`, :math:`\operatorname{diag}(G)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from singd.config import dtype_name
 from singd.functional import FactorHyperparams, FactorState, natural_gradient, update_factors
@@ -24,8 +28,10 @@ from singd.functional.statistics import (
     output_statistic,
     sandwich,
 )
-from singd.preconditioners.base import LayerPreconditioner
-from singd.structures import StructuredMatrix
+from singd.layers import LayerAdapter
+from singd.preconditioners.base import LayerPreconditioner, Refreshed
+from singd.preconditioners.diagonal import DiagonalBatch
+from singd.structures import Diagonal, StructuredMatrix
 
 if TYPE_CHECKING:
     from singd.config import LayerPlan, SINGDConfig
@@ -59,6 +65,11 @@ class SINGDPreconditioner(LayerPreconditioner):
         self.state: FactorState | None = None
         self.H_K: StructuredMatrix | None = None
         self.H_C: StructuredMatrix | None = None
+        #: H_K, H_C hold the factor-free statistics (sharded; or diag(U), diag(G) of a
+        #: batched layer), sandwiched at the refresh
+        self.raw_statistics = factor_free_statistics
+        #: the batches this preconditioner leads (it is their first layer), by layer names
+        self.batches: dict[tuple[str, ...], DiagonalBatch] = {}
 
     def factors(self) -> FactorState:
         """K, C (and m_K, m_C if α₁ ≠ 0), allocated as K = I, C = I on first use."""
@@ -87,11 +98,13 @@ class SINGDPreconditioner(LayerPreconditioner):
         g = g.to(self.dtype_C)
         # The hook divides by √s_{t−1} (singd.amp): squares carry 1/s_{t−1}.
         adapter = layer.adapter
-        if not self.factor_free_statistics:
+        if self.H_K is None:  # the first pass of this step decides the kind of statistics
+            self.raw_statistics = self.factor_free_statistics or self.batch_key() is not None
+        if not self.raw_statistics:
             state = self.factors()
             H_K = input_curvature(state.K, adapter, x, approx)
             H_C = output_curvature(state.C, adapter, g, approx, loss_average, previous_scale)
-        else:  # sharded: the owner forms H from the reduced U, G (singd.functional.statistics)
+        else:  # factor-free (singd.functional.statistics), sandwiched at the refresh
             x = x.to(self.dtype_K) if x.is_floating_point() else x
             H_K = input_statistic(plan.structure_K, adapter, x, approx)
             H_C = output_statistic(
@@ -125,28 +138,84 @@ class SINGDPreconditioner(LayerPreconditioner):
             normalize_lr_cov=config.normalize_lr_cov,
         )
 
-    def refresh(self, lr_cov: float, h_c_unscale: float) -> tuple[Tensor, Callable[[], None]]:
+    def refresh(self, lr_cov: float, h_c_unscale: float) -> Callable[[], None]:
         H_K, H_C = self.H_K, self.H_C
         assert H_K is not None and H_C is not None
         self.H_K = self.H_C = None
         old = self.factors()
-        if self.factor_free_statistics:  # reduced U, G → H_K, H_C
+        if self.raw_statistics:  # (reduced) U, G → H_K, H_C
             H_K, H_C = sandwich(old.K, H_K), sandwich(old.C, H_C)
         new = update_factors(old, H_K, H_C, self.hyperparams(lr_cov), h_c_unscale)
         self.state = new
-        # inf/NaN anywhere in H or m reaches K_new = K − β₁ K m and C_new: one sum
-        # per stored tensor of the new factors detects it (sums propagate inf/NaN).
-        sums = [t.sum(dtype=torch.float32) for f in (new.K, new.C) for t in f.tensors().values()]
-        finite = torch.isfinite(torch.stack(sums).sum())
 
         def undo() -> None:
             self.state = old
 
-        return finite, undo
+        return undo
 
     def precondition(self, G: Tensor) -> Tensor:
         state = self.factors()
         return natural_gradient(state.K, state.C, G)
+
+    # --- batches -------------------------------------------------------------------------
+    def batch_key(self) -> Hashable | None:
+        """Diagonal K and C of a layer whose gradient matrix is its weight flattened beside
+        its bias (Linear, Conv), with factors on this rank, in the weight's dtype, without
+        KL clipping: refreshed and preconditioned with the layers of equal key."""
+        plan, config, layer = self.plan, self.config, self.layer
+        adapter = type(layer.adapter)
+        weight = layer.weight
+        if (
+            self.factor_free_statistics
+            or config.kl_clip is not None
+            or not isinstance(plan.structure_K, Diagonal)
+            or not isinstance(plan.structure_C, Diagonal)
+            or adapter.grad_matrix is not LayerAdapter.grad_matrix
+            or adapter.split_matrix is not LayerAdapter.split_matrix
+            or weight.shape[0] != plan.d_C
+            or not (weight.dtype == self.dtype_K == self.dtype_C)
+            or type(weight) not in (Tensor, nn.Parameter)  # (DTensors etc.: one at a time)
+        ):
+            return None
+        state = self.state
+        if state is not None and (state.m_K is not None) != (config.alpha1 != 0):
+            return None  # (a checkpoint with other momenta: one at a time)
+        return (
+            config.damping,
+            config.alpha1,
+            config.kfac_like,
+            config.normalize_lr_cov,
+            self.dtype_K,
+            weight.device,
+        )
+
+    @staticmethod
+    def _batch(batch: Sequence[LayerPreconditioner]) -> DiagonalBatch:
+        pres = [pre for pre in batch if isinstance(pre, SINGDPreconditioner)]
+        assert len(pres) == len(batch)
+        names = tuple(pre.name for pre in pres)
+        cached = pres[0].batches.get(names)
+        if cached is None:
+            if len(pres[0].batches) >= 8:  # (layer sets that vary from step to step)
+                pres[0].batches.clear()
+            cached = pres[0].batches[names] = DiagonalBatch(pres)
+        return cached
+
+    @classmethod
+    def refresh_batch(
+        cls, batch: Sequence[LayerPreconditioner], lr_cov: float, h_c_unscale: float
+    ) -> Refreshed:
+        if len(batch) == 1 or not all(
+            isinstance(pre, SINGDPreconditioner) and pre.raw_statistics for pre in batch
+        ):
+            return super().refresh_batch(batch, lr_cov, h_c_unscale)
+        return cls._batch(batch).refresh(lr_cov, h_c_unscale)
+
+    @classmethod
+    def precondition_batch(
+        cls, batch: Sequence[LayerPreconditioner], grad_divisor: float
+    ) -> list[list[Tensor]]:
+        return cls._batch(batch).precondition(grad_divisor)
 
     def state_dict(self) -> dict[str, Tensor]:
         if self.state is None:
@@ -179,7 +248,7 @@ class SINGDPreconditioner(LayerPreconditioner):
         return shapes, tuple(optional)
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        self.state = None
+        self.state = None  # (new tensors: a batch holding views of the old ones re-reads)
         if not state:
             return
         current = self.factors()  # right structures, dims, dtypes and device

@@ -1,0 +1,239 @@
+"""The phases of a guarded step: refresh, preconditioning, parameter updates, fallback.
+
+Each phase computes *new* tensors and registers them with the step's
+:class:`~singd.optim.guard.StepGuard` under the name of the layer (or parameter) they
+belong to; :class:`~singd.optim.base.KroneckerOptimizer` commits all of it or none.
+
+Preconditioners are processed in **batches**: the due (resp. gradient-carrying)
+preconditioners of one param group and class with equal
+:meth:`~singd.preconditioners.LayerPreconditioner.batch_key` go to the class's
+``refresh_batch`` / ``precondition_batch`` together (SINGD's diagonal layers: a
+number of operations that does not grow with the number of layers); every other
+layer is one batch of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from singd.config import GroupConfig
+from singd.functional import kl_clip_factor, parameter_step
+from singd.optim.fallback import find_fallback
+from singd.optim.guard import StepGuard
+from singd.preconditioners import LayerPreconditioner
+from singd.preconditioners.base import Refreshed
+
+if TYPE_CHECKING:
+    from singd.distributed import Distributor
+    from singd.optim.layer_registry import Layer, LayerRegistry
+
+
+class StepPhasesMixin:
+    """The phases of ``KroneckerOptimizer._guarded_step`` (module docstring)."""
+
+    _preconditioners: dict[str, LayerPreconditioner]
+    _registry: LayerRegistry
+    _distributor: Distributor
+    param_groups: list[dict[str, Any]]
+    state: Any
+    if TYPE_CHECKING:  # (LayerGroupsMixin provides them)
+
+        def _config(self, index: int) -> GroupConfig: ...
+
+        @property
+        def _param_names(self) -> dict[Any, str]: ...
+
+    def _batches(self, pres: Sequence[LayerPreconditioner]) -> list[list[LayerPreconditioner]]:
+        """``pres`` grouped by (param group, class, batch key), in order of appearance;
+        a preconditioner without a key (or alone) is a batch of one."""
+        batches: dict[Hashable, list[LayerPreconditioner]] = {}
+        for pre in pres:
+            key = pre.batch_key()
+            if key is None or not self._distributor.replicates_factors:
+                batches[("alone", pre.name)] = [pre]
+                continue
+            index = self._registry.group_of_layer[pre.name]
+            batches.setdefault((index, type(pre), key), []).append(pre)
+        return list(batches.values())
+
+    # --- refresh -----------------------------------------------------------------------
+    def _refresh_layers(
+        self,
+        due: list[Layer],
+        lr_covs: dict[int, float],
+        h_c_unscale: float,
+        guard: StepGuard,
+        refreshed: Refreshed,
+    ) -> None:
+        """Refresh the due layers this rank owns, into new tensors checked by the guard;
+        what they replaced and how to undo it is added to ``refreshed``."""
+        owned = [
+            self._preconditioners[layer.name]
+            for layer in due
+            if self._distributor.owns(layer.name)
+            # (none: unused in this step, or a correction of the schedule)
+            and self._preconditioners[layer.name].has_statistics()
+        ]
+        for batch in self._batches(owned):
+            lr_cov = lr_covs[self._registry.group_of_layer[batch[0].name]]
+            part = type(batch[0]).refresh_batch(batch, lr_cov, h_c_unscale)
+            refreshed.extend(part)
+            for name, tensors in part.checks:
+                guard.check(f"layer {name!r}", tensors)
+
+    # --- preconditioning ---------------------------------------------------------------
+    def _directions(
+        self, grad_divisor: float, guard: StepGuard
+    ) -> tuple[dict[str, list[Tensor]], dict[str, tuple[Tensor, Tensor]]]:
+        """The natural gradients of every layer with a gradient, the gradients checked.
+
+        Returns:
+            ``(batched, single)``: for layers preconditioned in a batch, their
+            directions split like ``layer.params``; for the others, (gradient matrix,
+            natural gradient). This rank preconditions the layers it owns (all of them
+            unless sharded); the distributor shares the results.
+        """
+        with_grad = [
+            pre for pre in self._preconditioners.values() if pre.layer.weight.grad is not None
+        ]
+        batched: dict[str, list[Tensor]] = {}
+        alone: list[LayerPreconditioner] = []
+        for batch in self._batches(with_grad):
+            if len(batch) == 1 or any(p.grad is None for pre in batch for p in pre.layer.params):
+                alone += batch
+                continue
+            for pre, directions in zip(
+                batch, type(batch[0]).precondition_batch(batch, grad_divisor), strict=True
+            ):
+                guard.check_squares(f"layer {pre.name!r}", [p.grad for p in pre.layer.params])
+                batched[pre.name] = directions
+        grads: dict[str, Tensor] = {}
+        for pre in alone:
+            G = pre.layer.adapter.grad_matrix()
+            grads[pre.name] = G / grad_divisor if grad_divisor != 1.0 else G
+            guard.check_squares(f"layer {pre.name!r}", [grads[pre.name]])
+        owned = {
+            name: self._preconditioners[name].precondition(G)
+            for name, G in self._distributor.owned_gradients(self, grads).items()  # type: ignore[arg-type]
+        }
+        updates = self._distributor.share_updates(self, owned, grads)  # type: ignore[arg-type]
+        return batched, {name: (G, updates[name]) for name, G in grads.items()}
+
+    # --- parameters --------------------------------------------------------------------
+    def _parameter_updates(
+        self,
+        batched: dict[str, list[Tensor]],
+        single: dict[str, tuple[Tensor, Tensor]],
+        guard: StepGuard,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """New values of the Kronecker layers' parameters and momentum buffers (not
+        written yet), checked under each layer's name; returns (targets, new values)."""
+        targets: list[Tensor] = []
+        values: list[Tensor] = []
+        for index, group in enumerate(self.param_groups):
+            config = self._config(index)
+            params: list[Tensor] = []
+            directions: list[Tensor] = []
+            kl_terms: list[Tensor] = []
+            labels: list[str] = []
+            for name, pre in self._preconditioners.items():
+                layer = pre.layer
+                if self._registry.group_of_layer[name] != index:
+                    continue
+                if name in batched:  # (every parameter has a gradient: all get the update)
+                    params += layer.params
+                    directions += batched[name]
+                    labels += [f"layer {name!r}"] * len(layer.params)
+                    continue
+                if name not in single:
+                    continue
+                G, update = single[name]
+                if config.kl_clip is not None:
+                    kl_terms.append((G * update).sum())
+                parts = layer.adapter.split_matrix(update)
+                for p, d in zip(layer.params, parts, strict=True):
+                    if self._trains_with_factors(layer, p):
+                        params.append(p)
+                        directions.append(d.clone() if d is p.grad else d)
+                        labels.append(f"layer {name!r}")
+            if not params:
+                continue
+            if kl_terms and config.kl_clip is not None:
+                nu = kl_clip_factor(kl_terms, lr=group["lr"], kl_clip=config.kl_clip)
+                directions = [d * nu.to(d.dtype) for d in directions]
+            buffers = None
+            if config.momentum != 0:
+                buffers = []
+                for param in params:
+                    state = self.state[param]
+                    if "momentum_buffer" not in state:  # (zeros: the same first step)
+                        state["momentum_buffer"] = torch.zeros_like(param)
+                    buffers.append(state["momentum_buffer"])
+            new_params, new_buffers = parameter_step(
+                params,
+                directions,
+                buffers,
+                lr=group["lr"],
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+            )
+            for label, new_p in zip(labels, new_params, strict=True):
+                guard.check(label, [new_p])
+            for label, new_b in zip(labels, new_buffers, strict=False):
+                guard.check(label, [new_b])
+            targets += params + (buffers or [])
+            values += [*new_params, *new_buffers]
+        return targets, values
+
+    def _orphans(self, index: int) -> list[Tensor]:
+        """Parameters of group ``index``'s layers with a gradient while the layer's
+        weight is frozen (a trainable bias): the fallback rule trains them."""
+        return [
+            p
+            for name, pre in self._preconditioners.items()
+            if self._registry.group_of_layer[name] == index and not pre.layer.weight.requires_grad
+            for p in pre.layer.params
+            if p is not pre.layer.weight and p.grad is not None
+        ]
+
+    @staticmethod
+    def _trains_with_factors(layer: Layer, p: Tensor) -> bool:
+        """Whether ``p`` (a parameter of ``layer``) gets the Kronecker update this step."""
+        return p.requires_grad and (p is layer.weight or p.grad is not None)
+
+    # --- fallback ----------------------------------------------------------------------
+    def _guarded_fallback(self, guard: StepGuard, grad_divisor: float) -> None:
+        """The fallback rules (in place) under the guard, per parameter name."""
+        for index, group in enumerate(self.param_groups):
+            config = self._config(index)
+            params = [
+                p
+                for p in group["params"]
+                if self._registry.fallback_group.get(p) == index and p.grad is not None
+            ]
+            params += self._orphans(index)
+            if config.fallback is None or not params:
+                continue
+            grads = [p.grad if grad_divisor == 1.0 else p.grad / grad_divisor for p in params]
+            names = [f"parameter {self._param_names.get(p, '?')!r}" for p in params]
+            for name, g in zip(names, grads, strict=True):
+                guard.check_squares(name, [g])
+            rule = find_fallback(config.fallback)
+            states = [self.state[p] for p in params]
+            lr = group["lr"]
+
+            def update(
+                rule: Any = rule,
+                params: list[Tensor] = params,
+                grads: list[Tensor] = grads,
+                states: list[dict[str, Any]] = states,
+                config: GroupConfig = config,
+                lr: float = lr,
+            ) -> None:
+                rule(params, grads, states, config, lr)
+
+            guard.guard_in_place(names, params, states, update)
