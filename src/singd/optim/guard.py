@@ -221,10 +221,14 @@ class StepGuard:
             else:
                 passed = parts[0] if len(parts) == 1 else torch.cat(parts)
             if self._sharded and torch.distributed.is_initialized():
-                # every rank: the same verdict (a check fails if it fails on any rank)
-                failures = (~passed).float()
+                # every rank the same verdict: failures per label (ranks may check
+                # different numbers of tensors: empty shards are not checked), summed
+                failures = torch.zeros(len(self._labels), dtype=torch.float32, device=self.device)
+                order = torch.tensor(self._order, dtype=torch.int64, device=self.device)
+                failures.index_add_(0, order, (~passed).float())
                 torch.distributed.all_reduce(failures)
                 passed = failures == 0
+                self._order = list(range(len(self._labels)))
             self._passed = passed
             self._checked.clear()  # (do not keep the step's temporaries alive)
             self._checked_label.clear()

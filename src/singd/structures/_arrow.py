@@ -74,7 +74,8 @@ def split_rows(X: Tensor, a: int, e: int) -> tuple[Tensor, Tensor]:
         return X[:a], X[a:]
     if a == 0:
         return X[d - e :], X[: d - e]
-    return torch.cat([X[:a], X[d - e :]]), X[a : d - e]
+    X_A, X_C, X_E = X.split([a, d - a - e, e])  # (one operation for the three views)
+    return torch.cat([X_A, X_E]), X_C
 
 
 def split_blocks(S: Tensor, a: int, e: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from singd.structures import _arrow
@@ -87,7 +88,7 @@ class Hierarchical(Structure):
         d = sym.shape[0]
         a, _, e = self.sizes(d)
         S_ZZ, S_ZC, S_CZ, S_CC = _arrow.split_blocks(sym, a, e)
-        return _assemble(self, d, _project_zz(S_ZZ, a), S_ZC + S_CZ.T, S_CC.diagonal())
+        return _assemble(self, d, _project_zz(S_ZZ, a), S_ZC + S_CZ.T, S_CC.diagonal().clone())
 
     def from_mat_inner(self, X: Tensor) -> HierarchicalMatrix:
         a, _, e = self.sizes(X.shape[0])
@@ -123,36 +124,59 @@ def _project(structure: Hierarchical, dim: int, Q: _arrow.Pieces) -> Hierarchica
 def _assemble(
     structure: Hierarchical, dim: int, K_ZZ: Tensor, W: Tensor, C: Tensor
 ) -> HierarchicalMatrix:
-    """The stored blocks A, B = [B1 | B2], C, D, E from the arrow pieces."""
-    a, _, _ = structure.sizes(dim)
+    """The stored blocks A, B = [B1 | B2], C, D, E from the arrow pieces, which must be
+    the caller's own new tensors (``C`` is stored as it is).
+
+    Few operations on purpose (accelerators pay per operation): splits give the blocks
+    of ``K_ZZ`` and ``W``; ``B`` is one concatenation; ``A``, ``D`` and ``E`` are
+    contiguous copies (stored tensors own their memory). The pieces are remembered, so
+    the next product or projection needs no concatenation to get them back.
+    """
+    a, _, e = structure.sizes(dim)
+    top, bottom = K_ZZ.split([a, e])
+    A, B2 = top.split([a, e], dim=1)
+    B1, D = W.split([a, e])
     tensors = {
-        "A": K_ZZ[:a, :a],
-        "B": torch.cat([W[:a], K_ZZ[:a, a:]], dim=1),
+        "A": A.clone(memory_format=torch.contiguous_format),
+        "B": torch.cat([B1, B2], dim=1),
         "C": C,
-        "D": W[a:],
-        "E": K_ZZ[a:, a:],
+        "D": D.clone(),
+        "E": bottom[:, a:].clone(memory_format=torch.contiguous_format),
     }
-    contiguous = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    return HierarchicalMatrix(structure, dim, contiguous)
+    matrix = HierarchicalMatrix(structure, dim, tensors)
+    matrix._remember((K_ZZ, W, C))
+    return matrix
 
 
 class HierarchicalMatrix(StructuredMatrix):
     """A hierarchical matrix stored as ``A``, ``B``, ``C``, ``D``, ``E`` (module docstring)."""
 
     structure: Hierarchical
+    _cached: tuple[tuple[int, ...], _arrow.Pieces] | None = None
 
     def _sizes(self) -> tuple[int, int, int]:
         return self.structure.sizes(self.dim)
 
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(t._version for t in self._tensors.values())
+
+    def _remember(self, pieces: _arrow.Pieces) -> None:
+        """Keep ``pieces`` as this matrix's until a stored tensor changes in place (its
+        version counter moves; views share their base's)."""
+        self._cached = (self._versions(), pieces)
+
     def _pieces(self) -> _arrow.Pieces:
         r""":math:`(K_{\mathcal Z\mathcal Z}, W, C)`: dense part, dense rows over C, diagonal."""
+        cached = self._cached
+        if cached is not None and cached[0] == self._versions():
+            return cached[1]
         t = self._tensors
         a, c, e = self._sizes()
-        lower_left = t["E"].new_zeros(e, a)
-        K_ZZ = torch.cat(
-            [torch.cat([t["A"], t["B"][:, c:]], dim=1), torch.cat([lower_left, t["E"]], dim=1)]
-        )
-        W = torch.cat([t["B"][:, :c], t["D"]])
+        B1, B2 = t["B"].split([c, e], dim=1)
+        # [[A, B2], [0, E]]: the zero block as left padding of E (one operation)
+        K_ZZ = torch.cat([torch.cat([t["A"], B2], dim=1), F.pad(t["E"], (a, 0))])
+        W = torch.cat([B1, t["D"]])
+        self._remember((K_ZZ, W, t["C"]))
         return K_ZZ, W, t["C"]
 
     def to_dense(self) -> Tensor:
