@@ -109,7 +109,8 @@ class StepPhasesMixin:
             for pre, directions in zip(
                 batch, type(batch[0]).precondition_batch(batch, grad_divisor), strict=True
             ):
-                guard.check_squares(f"layer {pre.name!r}", [p.grad for p in pre.layer.params])
+                grads_of = [p.grad for p in pre.layer.params if p.grad is not None]
+                guard.check_squares(f"layer {pre.name!r}", grads_of)
                 batched[pre.name] = directions
         grads: dict[str, Tensor] = {}
         for pre in alone:
