@@ -73,9 +73,9 @@ class CheckpointMixin(Optimizer):
             restored["lr_cov"] = current["lr_cov"]
         return restored
 
-    def wait_for_verdicts(self) -> list[tuple[int, list[str]]]:
-        """(The skeleton implements it: the verdicts of guarded steps, waited for.)"""
-        return []
+    if TYPE_CHECKING:  # (StepStateMixin: the verdicts of guarded steps, waited for)
+
+        def wait_for_verdicts(self) -> list[tuple[int, list[str]]]: ...
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain Python values only; layers are keyed by module name.
