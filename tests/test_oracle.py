@@ -18,7 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from singd import KFAC, SINGD
-from tests.reference.dense_singd import DenseKFAC, DenseSINGD, Hyper, Oracle, layers
+from singd.structures import Structure
+from tests.reference.dense_singd import DenseKFAC, DenseSINGD, Hyper, Oracle, layers, project
+from tests.structures.cases import SPECS, generator, random_symmetric
+from tests.structures.dense_reference import project as structure_projection
 from tests.tolerances import assert_close
 
 STEPS = 6
@@ -492,3 +495,12 @@ def test_kfac_matches_oracle(problem: str, overrides: dict[str, Any]) -> None:
             P_K, P_C = oracle.P(name)
             for key, expected in (("S_K", S_K), ("S_C", S_C), ("P_K", P_K), ("P_C", P_C)):
                 assert_close(state[key], expected, msg=f"{key} of {name}")
+
+
+@pytest.mark.parametrize("d", [1, 4, 7])
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_the_two_pattern_oracles_agree(spec: Structure, d: int) -> None:
+    """Π̂ of the optimizer oracle (masks, Toeplitz diagonals averaged) equals Π̂ of the
+    structure oracle (tie labels, scatter-mean), written independently from the spec."""
+    S = random_symmetric(d, generator("pattern-oracles", str(spec), d))
+    assert_close(project(S, str(spec)), structure_projection(spec, S))
