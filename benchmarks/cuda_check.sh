@@ -13,7 +13,9 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/n
     echo "(singd not installed: tests of the singd command will fail)"
 
 echo "== CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_amp.py \
+# the device-parametrized tests' CUDA variants (the `device` fixture of tests/conftest.py)
+timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/structures/test_contract.py \
+    tests/test_oracle.py tests/test_amp.py tests/test_contracts.py tests/test_guard.py \
     2>&1 | tee "$out/cuda_tests.log" | tail -n 25
 echo "== step time on the GPU"
 timeout 200 python3 benchmarks/step_time.py --device cuda --repeats 3 --no-progress \

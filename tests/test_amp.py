@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from singd import KFAC, SINGD
+from tests.cases import OptimizerCase, cases
 from tests.helpers import NET_HYPER, assert_params_close, data, net, params_of
 from tests.tolerances import TRAJECTORY_FLOAT32, tolerance
-
-CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a GPU"))]
-
 
 HYPER = NET_HYPER
 
@@ -22,15 +20,14 @@ HYPER = NET_HYPER
 # --- dtypes -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "preconditioner_dtype",
     [(None, None), (torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
 )
 def test_dtypes_are_kept(
-    device: str, model_dtype: torch.dtype, preconditioner_dtype: tuple[torch.dtype | None, ...]
+    device: torch.device, dtype: torch.dtype, preconditioner_dtype: tuple[torch.dtype | None, ...]
 ) -> None:
+    model_dtype = dtype
     model = net(device, model_dtype)
     optim = SINGD(
         model, preconditioner_dtype=preconditioner_dtype, structures=("dense", "diagonal"), **HYPER
@@ -50,17 +47,12 @@ def test_dtypes_are_kept(
         assert p.dtype == model_dtype and torch.isfinite(p).all()
 
 
-@pytest.mark.parametrize(
-    ("device", "amp_dtype"),
-    [
-        ("cpu", torch.bfloat16),
-        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="GPU")),
-        pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not CUDA, reason="GPU")),
-    ],
-)
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_autocast_keeps_fp32_factors_and_tracks_fp32_run(
-    device: str, amp_dtype: torch.dtype
+    device: torch.device, amp_dtype: torch.dtype
 ) -> None:
+    if device.type == "cpu" and amp_dtype == torch.float16:
+        pytest.skip("float16 autocast is the CUDA recipe (bfloat16 on the CPU)")
     batches = data(6, device)
     reference = net(device)
     ref_optim = SINGD(reference, **HYPER)
@@ -73,7 +65,7 @@ def test_autocast_keeps_fp32_factors_and_tracks_fp32_run(
     optim = SINGD(model, **HYPER)
     for X, y in batches:
         optim.zero_grad()
-        with torch.autocast(device, dtype=amp_dtype):
+        with torch.autocast(device.type, dtype=amp_dtype):
             loss = nn.functional.cross_entropy(model(X), y)
             loss.backward()  # even backward and step inside autocast
             optim.step()
@@ -87,10 +79,16 @@ def test_autocast_keeps_fp32_factors_and_tracks_fp32_run(
 
 
 def run_plain(
-    batches, *, model_dtype=torch.float32, clip: float | None = None
+    batches,
+    *,
+    model_dtype=torch.float32,
+    clip: float | None = None,
+    case: OptimizerCase | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
-    model = net(dtype=model_dtype)
-    optim = SINGD(model, **HYPER)
+    """Params after training :func:`net` without scaling (SINGD, or ``case``, on ``HYPER``)."""
+    model = net(device, dtype=model_dtype)
+    optim = SINGD(model, **HYPER) if case is None else make(case, model)
     for X, y in batches:
         optim.zero_grad()
         nn.functional.cross_entropy(model(X.to(model_dtype)), y).backward()
@@ -116,31 +114,76 @@ def test_injected_cyclic_scales_match_unscaled_run() -> None:
     )
 
 
-def test_inf_step_is_skipped_and_does_not_count() -> None:
+def make(case: OptimizerCase, model: nn.Module, **kwargs: Any) -> Any:
+    """The case's optimizer on :func:`net`'s hyper-parameters."""
+    return case.cls(model, **{**HYPER, **case.kwargs, **kwargs})  # type: ignore[call-arg]
+
+
+def layer_state(optim: Any, name: str) -> dict[str, torch.Tensor]:
+    """Copies of a layer's preconditioner state (any Kronecker optimizer)."""
+    saved = optim.state_dict()[optim._STATE_KEY]["layers"][name]
+    return {k: v.clone() for k, v in saved.items()}
+
+
+@pytest.mark.parametrize("case", cases("amp"))
+def test_inf_step_is_skipped_and_does_not_count(case: OptimizerCase) -> None:
     batches = data(6)
     model = net()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    optim = SINGD(model, grad_scaler=scaler, **HYPER)
+    optim = make(case, model, grad_scaler=scaler)
     poisoned = (batches[2][0].clone(), batches[2][1])
     poisoned[0][0, 0, 0, 0] = float("inf")
     for i, (X, y) in enumerate([*batches[:2], poisoned, *batches[2:]]):
         optim.zero_grad()
         scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
         if i == 2:
-            before = (params_of(model), optim.factors("3").K.to_dense().clone(), optim.steps)
+            before = (params_of(model), layer_state(optim, "3"), optim.steps)
             with pytest.warns(UserWarning, match="Step 2 skipped"):
                 scaler.step(optim)
-            after = (params_of(model), optim.factors("3").K.to_dense(), optim.steps)
+            after = (params_of(model), layer_state(optim, "3"), optim.steps)
             assert all(torch.equal(p, q) for p, q in zip(before[0], after[0], strict=True))
-            assert torch.equal(before[1], after[1]) and before[2] == after[2] == 2
+            assert before[1].keys() == after[1].keys()
+            assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+            assert before[2] == after[2] == 2
         else:
             scaler.step(optim)
         scaler.update()
     assert optim.steps == len(batches)
     # Same trajectory as never seeing the poisoned batch (with the halved scale after it).
     rtol, atol = TRAJECTORY_FLOAT32
-    for p, q in zip(params_of(model), run_plain(batches), strict=True):
+    for p, q in zip(params_of(model), run_plain(batches, case=case), strict=True):
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+
+
+def test_float16_autocast_with_grad_scaler_tracks_float32_and_skips_inf_steps(
+    device: torch.device,
+) -> None:
+    """The usual CUDA recipe (float16 autocast, GradScaler; an inf batch is skipped), on
+    every device."""
+    batches = data(6, device)
+    model = net(device)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12)
+    optim = SINGD(model, grad_scaler=scaler, **HYPER)
+    poisoned = (batches[2][0].clone(), batches[2][1])
+    poisoned[0][0, 0, 0, 0] = float("inf")
+    for i, (X, y) in enumerate([*batches[:2], poisoned, *batches[2:]]):
+        optim.zero_grad()
+        with torch.autocast(device.type, dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(X), y)
+        scaler.scale(loss).backward()
+        if i == 2:
+            before = params_of(model)
+            with pytest.warns(UserWarning, match="Step 2 skipped"):
+                scaler.step(optim)
+            assert all(torch.equal(p, q) for p, q in zip(before, params_of(model), strict=True))
+        else:
+            scaler.step(optim)
+        scaler.update()
+    assert optim.steps == len(batches)
+    assert optim.factors("3").K.dtype == torch.float32
+    assert optim.factors("3").K.device.type == device.type
+    reference = run_plain(batches, device=device)
+    assert_params_close(params_of(model), reference, torch.float16)
 
 
 def test_unscale_then_clip_then_step() -> None:
@@ -246,10 +289,10 @@ def test_accumulation_under_autocast_and_scaler() -> None:
 # --- never poisoned -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optim_cls", [SINGD, KFAC])
-def test_non_finite_statistics_leave_factors_and_training_goes_on(optim_cls: type) -> None:
+@pytest.mark.parametrize("case", cases("amp"))
+def test_non_finite_statistics_leave_factors_and_training_goes_on(case: OptimizerCase) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
-    optim = optim_cls(model, T=1, lr=1e-2)
+    optim = case.cls(model, **{**case.kwargs, "T": 1, "lr": 1e-2})  # type: ignore[call-arg]
     X = torch.randn(8, 4)
     optim.zero_grad()
     model(X).square().mean().backward()

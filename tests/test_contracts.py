@@ -140,11 +140,12 @@ def test_gradient_accumulation_equals_big_batch(case: OptimizerCase, device: tor
     assert_same_params(big, small)
 
 
-def test_every_case_is_tested_by_some_contract_and_ids_are_unique() -> None:
-    from tests.cases import CONTRACTS, OPTIMIZER_CASES
+def test_every_case_is_in_some_suite_and_ids_are_unique() -> None:
+    from tests.cases import OPTIMIZER_CASES, ORACLE_PROBLEMS, SUITES
 
     ids = [c.id for c in OPTIMIZER_CASES]
     assert len(ids) == len(set(ids))
     for case in OPTIMIZER_CASES:
-        assert case.supports and case.supports <= CONTRACTS, case.id
+        assert case.supports and case.supports <= SUITES, case.id
+        assert ("oracle" in case.supports) == (case.problem in ORACLE_PROBLEMS), case.id
         copy.deepcopy(case.options)  # plain, copyable options (no module state)

@@ -33,8 +33,9 @@ from torch import nn
 
 import singd.distributed.collectives as collectives
 import singd.distributed.replicated as replicated
-from singd import KFAC, SINGD
+from singd import SINGD
 from singd.distributed import Local, Replicated, Sharded
+from tests.cases import OPTIMIZER_CASES
 from tests.helpers import TransformerBlock
 from tests.tolerances import TRAJECTORY_FLOAT32
 
@@ -44,23 +45,11 @@ STEPS = 4
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 MODES = ("ddp", "unwrapped", "sharded")
 
-HYPER: dict[str, Any] = {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-2, "T": 1}
-OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ingd": (SINGD, {**HYPER, "alpha1": 0.5, "lr_cov": 0.05}),
-    "ikfac": (SINGD, {**HYPER, "kfac_like": True, "alpha1": 0.0, "lr_cov": 0.05}),
-    "ingd-reduce": (SINGD, {**HYPER, "alpha1": 0.5, "lr_cov": 0.05, "kfac_approx": "reduce"}),
-    # diagonal K (the input_diagonal path), block-diagonal C, refresh every other step
-    "singd-structured": (
-        SINGD,
-        {**HYPER, "T": 2, "lr_cov": 0.05, "structures": ("diagonal", "block_diagonal(3)")},
-    ),
-    # the other way round: structured K, diagonal C
-    "singd-diagonal-C": (
-        SINGD,
-        {**HYPER, "lr_cov": 0.05, "structures": ("block_diagonal(4)", "diagonal")},
-    ),
-    "kfac": (KFAC, {**HYPER, "damping": 1e-2, "lr_cov": 0.5}),
-}
+#: The hyper-parameters :class:`Net` trains with; the case table (``distributed`` suite of
+#: ``tests/cases.py``) gives each configuration.
+HYPER: dict[str, Any] = {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-2, "T": 1, "lr_cov": 0.05}
+CASES = {c.id: c for c in OPTIMIZER_CASES if "distributed" in c.supports}
+OPTIMIZERS = list(CASES)
 
 
 class Net(nn.Module):
@@ -107,7 +96,8 @@ LR_SCALE = {None: 1 / 128, "batch": 1 / 16, "batch+sequence": 1.0}
 def make(optimizer: str, loss_average: str | None, *, seed: int = 0):
     torch.manual_seed(seed)
     net = Net()
-    cls, kwargs = OPTIMIZERS[optimizer]
+    case = CASES[optimizer]
+    cls, kwargs = case.cls, {**HYPER, **case.kwargs}
     kwargs = {**kwargs, "lr": kwargs["lr"] * LR_SCALE[loss_average], "loss_average": loss_average}
     if cls is SINGD and loss_average is None:  # H_C is 128× larger too: keep β₁‖m‖ < 1
         kwargs["lr_cov"] *= LR_SCALE[None]
@@ -321,7 +311,7 @@ TRAIN_JOBS = [
 ] + [("train", {"optimizer": "ingd", "loss_average": None, "mode": "ddp-sharded"})]
 CHECKPOINT_JOBS = [
     ("checkpoint", {"optimizer": "ingd", "mode": "sharded", "load_mode": "sharded"}),
-    ("checkpoint", {"optimizer": "kfac", "mode": "ddp-sharded", "load_mode": "ddp"}),
+    ("checkpoint", {"optimizer": "kfac-damped", "mode": "ddp-sharded", "load_mode": "ddp"}),
     ("checkpoint", {"optimizer": "ingd", "mode": "ddp", "load_mode": "ddp"}),
 ]
 

@@ -1,9 +1,12 @@
 """``singd.SINGD`` and ``singd.KFAC`` against the float64 oracle of ``tests/reference``.
 
-Every case trains a copy of a small float64 model with the optimizer and another
-copy with the oracle on the same batches, and after every step compares the
-parameters, the heavy-ball buffers and the preconditioner state (K, C, m_K, m_C,
-or S_K, S_C, P_K, P_C) at the float64 tolerance of ``tests/tolerances.py``.
+Every case (the ``oracle`` suite of ``tests/cases.py``) trains a copy of a small
+float64 model with the optimizer and another copy with the oracle on the same batches,
+and after every step compares the parameters, the heavy-ball buffers and the
+preconditioner state (K, C, m_K, m_C, or S_K, S_C, P_K, P_C) at the float64 tolerance
+of ``tests/tolerances.py``. The optimizer runs on every device of ``tests/conftest.py``
+(the oracle on the CPU), so a GPU runs the same trajectories: a tensor created on the
+wrong device or a CUDA-only numerical difference fails.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor, nn
 
 from singd import KFAC, SINGD
 from singd.structures import Structure
+from tests.cases import OPTIMIZER_CASES, OptimizerCase, cases
 from tests.reference.dense_singd import DenseKFAC, DenseSINGD, Hyper, Oracle, layers, project
 from tests.structures.cases import SPECS, generator, random_symmetric
 from tests.structures.dense_reference import project as structure_projection
@@ -116,11 +120,11 @@ def loss_fn(X: Tensor, Y: Tensor, loss_average: str | None) -> Callable[[nn.Modu
     return f
 
 
-def make_pair(problem: Problem) -> tuple[nn.Module, nn.Module]:
-    """A float64 model and an identical copy for the oracle."""
+def make_pair(problem: Problem, device: torch.device | str = "cpu") -> tuple[nn.Module, nn.Module]:
+    """A float64 model on ``device`` and an identical copy on the CPU for the oracle."""
     torch.manual_seed(0)
-    model = problem.make().double()
-    return model, copy.deepcopy(model)
+    ref = problem.make().double()
+    return copy.deepcopy(ref).to(device), ref
 
 
 def compare_params(
@@ -129,10 +133,16 @@ def compare_params(
     """Parameters and heavy-ball buffers of ``model`` (optimizer) and ``ref`` (oracle)."""
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
-        assert_close(p, ref_params[name], msg=f"parameter {name}")
+        assert_close(p.cpu(), ref_params[name], msg=f"parameter {name}")
         q = ref_params[name]
         if q in oracle.buf:
-            assert_close(opt.state[p]["momentum_buffer"], oracle.buf[q], msg=f"buffer {name}")
+            buf = opt.state[p]["momentum_buffer"]
+            assert_close(buf.cpu(), oracle.buf[q], msg=f"buffer {name}")
+
+
+def dense(M: Any) -> Tensor:
+    """A factor (structured or a tensor) as a dense CPU tensor."""
+    return (M.to_dense() if hasattr(M, "to_dense") else M).cpu()
 
 
 def lockstep(
@@ -145,17 +155,17 @@ def lockstep(
 ) -> Iterator[None]:
     """One optimizer step and one oracle step per batch; parameters and buffers are
     compared after each, then control returns to the caller for further checks."""
+    device = next(model.parameters()).device
     for X, Y in data:
-        f = loss_fn(X, Y, loss_average)
         opt.zero_grad()
-        f(model).backward()
+        loss_fn(X.to(device), Y.to(device), loss_average)(model).backward()
         opt.step()
-        oracle.step(f)
+        oracle.step(loss_fn(X, Y, loss_average))
         compare_params(model, ref, opt, oracle)
         yield
 
 
-#: Defaults of every case; a case overrides some of them.
+#: Hyper-parameters every oracle case starts from (the case overrides some of them).
 BASE = {
     "lr": 0.05,
     "momentum": 0.9,
@@ -167,190 +177,25 @@ BASE = {
 }
 
 
-def _schedule(step: int) -> float:
-    """A callable β₁ that changes every step (catches an off-by-one step index)."""
-    return 0.02 * (1 + step)
-
-
-# (id, problem, overrides of BASE and Hyper, input scale)
-SINGD_CASES: list[tuple[str, str, dict[str, Any], float]] = [
-    ("ikfac-mlp", "mlp", {"kfac_like": True, "alpha1": 0.0}, 1.0),
-    ("ingd-mlp-a0", "mlp", {"alpha1": 0.0}, 1.0),
-    ("ingd-mlp-T3", "mlp", {"T": 3}, 1.0),
-    (
-        "ikfac-mlp-T3-nomomentum-wd",
-        "mlp",
-        {"kfac_like": True, "alpha1": 0.0, "T": 3, "momentum": 0.0, "weight_decay": 0.1},
-        1.0,
-    ),
-    ("ingd-seq-expand-batch+sequence", "seq", {"loss_average": "batch+sequence"}, 1.0),
-    ("ingd-seq-reduce-batch", "seq", {"kfac_approx": "reduce"}, 1.0),
-    # A summed loss over 12 positions makes H_C large: smaller β₁, β₂ keep β₁‖m‖ < 1.
-    (
-        "ikfac-seq-expand-sum",
-        "seq",
-        {"kfac_like": True, "alpha1": 0.0, "loss_average": None, "lr_cov": 5e-3, "lr": 0.01},
-        1.0,
-    ),
-    (
-        "ikfac-seq-reduce-batch+sequence",
-        "seq",
-        {
-            "kfac_like": True,
-            "alpha1": 0.0,
-            "kfac_approx": "reduce",
-            "loss_average": "batch+sequence",
-        },
-        1.0,
-    ),
-    ("ingd-conv_strided-expand-T3", "conv_strided", {"T": 3}, 1.0),
-    ("ingd-conv_strided-reduce", "conv_strided", {"kfac_approx": "reduce"}, 1.0),
-    (
-        "ikfac-conv_strided-expand-sum",
-        "conv_strided",
-        {"kfac_like": True, "alpha1": 0.0, "loss_average": None},
-        1.0,
-    ),
-    ("ingd-conv_same-expand-batch+sequence", "conv_same", {"loss_average": "batch+sequence"}, 1.0),
-    (
-        "ikfac-conv_same-reduce",
-        "conv_same",
-        {"kfac_like": True, "alpha1": 0.0, "kfac_approx": "reduce"},
-        1.0,
-    ),
-    ("ingd-mlp-normalize", "mlp", {"normalize_lr_cov": True, "lr_cov": 0.3}, 4.0),
-    (
-        "ikfac-seq-normalize",
-        "seq",
-        {
-            "kfac_like": True,
-            "alpha1": 0.0,
-            "normalize_lr_cov": True,
-            "lr_cov": 0.3,
-            "loss_average": None,
-        },
-        4.0,
-    ),
-    ("ingd-conv_modes-expand-T3", "conv_modes", {"T": 3}, 1.0),
-    (
-        "ikfac-conv_modes-reduce-sum",
-        "conv_modes",
-        {
-            "kfac_like": True,
-            "alpha1": 0.0,
-            "kfac_approx": "reduce",
-            "loss_average": None,
-            "lr": 0.01,
-        },
-        1.0,
-    ),
-    (
-        "singd-conv_strided-diag-dense-expand",
-        "conv_strided",
-        {"structures": ("diagonal", "dense")},
-        1.0,
-    ),
-    (
-        "singd-conv_modes-diag-diag-batch+sequence",
-        "conv_modes",
-        {"structures": ("diagonal", "diagonal"), "loss_average": "batch+sequence"},
-        1.0,
-    ),
-    # Structures beyond dense/diagonal (spec §3); K is non-symmetric after one step, so
-    # Π̂(KᵀK) ≠ Π̂(KKᵀ) shows (spec §9 A1).
-    (
-        "singd-seq-block-block",
-        "seq",
-        {"structures": ("block_diagonal(2)", "block_diagonal(3)")},
-        1.0,
-    ),
-    (
-        "singd-mlp-hierarchical",
-        "mlp",
-        {"structures": ("hierarchical(2, 1)", "hierarchical(1, 2)")},
-        1.0,
-    ),
-    (
-        "ikfac-seq-toeplitz",
-        "seq",
-        {"kfac_like": True, "alpha1": 0.0, "structures": ("tril_toeplitz", "triu_toeplitz")},
-        1.0,
-    ),
-    (
-        "singd-mlp-rank-k-triangular",
-        "mlp",
-        {"structures": ("tril_top_left(2)", "triu_bottom_right(1)")},
-        1.0,
-    ),
-    (
-        "singd-seq-rank-k-triangular-normalize",
-        "seq",
-        {
-            "structures": ("tril_bottom_right(1)", "triu_top_left(2)"),
-            "normalize_lr_cov": True,
-            "lr_cov": 0.3,
-        },
-        4.0,
-    ),
-    (
-        "singd-conv_strided-block-hierarchical-T3",
-        "conv_strided",
-        {"structures": ("block_diagonal(4)", "hierarchical(1, 2)"), "T": 3},
-        1.0,
-    ),
-    (
-        "singd-conv_modes-toeplitz-reduce",
-        "conv_modes",
-        {"structures": ("triu_toeplitz", "tril_toeplitz"), "kfac_approx": "reduce"},
-        1.0,
-    ),
-    ("ingd-conv_strided-callable-lr_cov-T2", "conv_strided", {"lr_cov": _schedule, "T": 2}, 1.0),
-    ("singd-mlp-diag-dense", "mlp", {"structures": ("diagonal", "dense")}, 1.0),
-    (
-        "singd-conv_same-dense-diag",
-        "conv_same",
-        {"structures": ("dense", "diagonal"), "T": 3},
-        1.0,
-    ),
-    (
-        "singd-seq-diag-diag-normalize",
-        "seq",
-        {"structures": ("diagonal", "diagonal"), "normalize_lr_cov": True, "lr_cov": 0.3},
-        4.0,
-    ),
-    (
-        "ikfac-conv_strided-diag-diag",
-        "conv_strided",
-        {
-            "kfac_like": True,
-            "alpha1": 0.0,
-            "structures": ("diagonal", "diagonal"),
-            "kfac_approx": "reduce",
-        },
-        1.0,
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    ("problem", "overrides", "scale"),
-    [pytest.param(p, o, s, id=i) for i, p, o, s in SINGD_CASES],
-)
-def test_singd_matches_oracle(problem: str, overrides: dict[str, Any], scale: float) -> None:
+@pytest.mark.parametrize("case", cases("oracle", SINGD))
+def test_singd_matches_oracle(case: OptimizerCase, device: torch.device) -> None:
     """Parameters, buffers and factors follow the oracle over ``STEPS`` steps."""
-    hp = Hyper(**{**BASE, **overrides})
-    prob = PROBLEMS[problem]
-    model, ref = make_pair(prob)
+    hp = Hyper(**{**BASE, **case.kwargs})
+    assert case.problem is not None
+    prob = PROBLEMS[case.problem]
+    model, ref = make_pair(prob, device)
     opt = SINGD(model, **{f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)})
     oracle = DenseSINGD(ref, hp)
-    for _ in lockstep(model, ref, opt, oracle, batches(prob, STEPS, scale), hp.loss_average):
+    data = batches(prob, STEPS, case.scale)
+    for _ in lockstep(model, ref, opt, oracle, data, hp.loss_average):
         for name in layers(ref):
             state = opt.factors(name)
-            assert_close(state.K.to_dense(), oracle.K[name], msg=f"K of {name}")
-            assert_close(state.C.to_dense(), oracle.C[name], msg=f"C of {name}")
+            assert state.K.device.type == device.type
+            assert_close(dense(state.K), oracle.K[name], msg=f"K of {name}")
+            assert_close(dense(state.C), oracle.C[name], msg=f"C of {name}")
             if hp.alpha1 != 0:
-                assert_close(state.m_K.to_dense(), oracle.m_K[name], msg=f"m_K of {name}")
-                assert_close(state.m_C.to_dense(), oracle.m_C[name], msg=f"m_C of {name}")
+                assert_close(dense(state.m_K), oracle.m_K[name], msg=f"m_K of {name}")
+                assert_close(dense(state.m_C), oracle.m_C[name], msg=f"m_C of {name}")
             else:
                 assert state.m_K is None and state.m_C is None
     assert opt.steps == STEPS
@@ -383,17 +228,20 @@ def test_oracle_fixed_point(kfac_like: bool) -> None:
 
 def test_normalize_lr_cov_cases_normalize() -> None:
     """The ``normalize`` cases above really have ‖m‖_∞ > 1 (else they test nothing new)."""
-    for case_id, problem, overrides, scale in SINGD_CASES:
-        if not overrides.get("normalize_lr_cov"):
-            continue
-        hp = Hyper(**{**BASE, **overrides})
-        prob = PROBLEMS[problem]
+    normalized = [
+        c for c in OPTIMIZER_CASES if "oracle" in c.supports and c.kwargs.get("normalize_lr_cov")
+    ]
+    assert normalized
+    for case in normalized:
+        hp = Hyper(**{**BASE, **case.kwargs})
+        assert case.problem is not None
+        prob = PROBLEMS[case.problem]
         _, ref = make_pair(prob)
         oracle = DenseSINGD(ref, hp)
-        X, Y = batches(prob, 1, scale)[0]
+        X, Y = batches(prob, 1, case.scale)[0]
         oracle.step(loss_fn(X, Y, hp.loss_average))
         largest = max(m.abs().max().item() for m in [*oracle.m_K.values(), *oracle.m_C.values()])
-        assert largest > 1.0, case_id
+        assert largest > 1.0, case.id
 
 
 def test_kfac_like_forces_alpha1_zero() -> None:
@@ -465,27 +313,14 @@ def test_grad_scale_matches_unscaled_oracle(kind: str) -> None:
         compare_params(model, ref, opt, oracle)
 
 
-KFAC_CASES: list[tuple[str, str, dict[str, Any]]] = [
-    ("mlp-expand-T1", "mlp", {}),
-    ("seq-reduce-T2-sum", "seq", {"kfac_approx": "reduce", "T": 2, "loss_average": None}),
-    ("conv_strided-expand-callable-T2", "conv_strided", {"lr_cov": _schedule, "T": 2}),
-    (
-        "conv_same-reduce-batch+sequence-T3",
-        "conv_same",
-        {"kfac_approx": "reduce", "T": 3, "loss_average": "batch+sequence"},
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    ("problem", "overrides"), [pytest.param(p, o, id=i) for i, p, o in KFAC_CASES]
-)
-def test_kfac_matches_oracle(problem: str, overrides: dict[str, Any]) -> None:
+@pytest.mark.parametrize("case", cases("oracle", KFAC))
+def test_kfac_matches_oracle(case: OptimizerCase, device: torch.device) -> None:
     """``singd.KFAC`` (float64 inverses) follows the dense KFAC oracle."""
-    kwargs = {k: v for k, v in {**BASE, **overrides}.items() if k != "alpha1"}
+    kwargs = {k: v for k, v in {**BASE, **case.kwargs}.items() if k != "alpha1"}
     hp = Hyper(**kwargs)
-    prob = PROBLEMS[problem]
-    model, ref = make_pair(prob)
+    assert case.problem is not None
+    prob = PROBLEMS[case.problem]
+    model, ref = make_pair(prob, device)
     opt = KFAC(model, inverse_dtype=F64, **kwargs)
     oracle = DenseKFAC(ref, hp)
     for _ in lockstep(model, ref, opt, oracle, batches(prob, STEPS), hp.loss_average):
@@ -494,7 +329,8 @@ def test_kfac_matches_oracle(problem: str, overrides: dict[str, Any]) -> None:
             S_K, S_C = oracle.S[name]
             P_K, P_C = oracle.P(name)
             for key, expected in (("S_K", S_K), ("S_C", S_C), ("P_K", P_K), ("P_C", P_C)):
-                assert_close(state[key], expected, msg=f"{key} of {name}")
+                assert state[key].device.type == device.type
+                assert_close(state[key].cpu(), expected, msg=f"{key} of {name}")
 
 
 @pytest.mark.parametrize("d", [1, 4, 7])
@@ -504,3 +340,9 @@ def test_the_two_pattern_oracles_agree(spec: Structure, d: int) -> None:
     structure oracle (tie labels, scatter-mean), written independently from the spec."""
     S = random_symmetric(d, generator("pattern-oracles", str(spec), d))
     assert_close(project(S, str(spec)), structure_projection(spec, S))
+
+
+def test_the_case_table_names_exactly_these_problems() -> None:
+    from tests.cases import ORACLE_PROBLEMS
+
+    assert set(PROBLEMS) == ORACLE_PROBLEMS

@@ -312,3 +312,76 @@ def test_no_dense_fallback_warning_is_configured():
     """The suite runs with NaiveImplementationWarning as an error (pyproject)."""
     with pytest.raises(NaiveImplementationWarning):
         warnings.warn("probe", NaiveImplementationWarning, stacklevel=1)
+
+
+# --- every operation on every device ------------------------------------------------------
+
+#: Small edge cases and sizes above every route threshold (Toeplitz's FFTs from 129 on).
+DEVICE_DIMS = [1, 5, 30, 64, 300, 1153]
+#: The largest of ``DEVICE_DIMS`` the CPU runs (the sizes of ``DIMS``).
+CPU_MAX_DIM = 64
+
+DEVICE_CASES = [
+    pytest.param(spec, d, dtype, route, id=f"{spec}-{d}-{str(dtype)[6:]}-{route}")
+    for spec in SPECS
+    for route in routes(spec)
+    for d in DEVICE_DIMS
+    for dtype in (torch.float32, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize(("spec", "d", "dtype", "route"), DEVICE_CASES)
+def test_every_operation_on_the_device(spec, d, dtype, route, device, monkeypatch):
+    """Every operation with every tensor on ``device``, against the float64 oracle on the
+    CPU: a tensor created on the wrong device, a kernel PyTorch lacks on a device for a
+    dtype, or a device-only numerical difference fails."""
+    if device.type == "cpu" and d > CPU_MAX_DIM:
+        pytest.skip(
+            "an accelerator size: on the CPU the cases above and the Toeplitz-FFT and "
+            "one-kernel tests cover the large-d routes (here minutes of CPU time, and "
+            "float32 traces of 1153 cancelling entries summed in order)"
+        )
+    for setting in routes(spec)[route] or ():
+        monkeypatch.setattr(*setting)
+
+    def moved(M):
+        return M.structure.from_tensors(M.dim, {k: v.to(device) for k, v in M.tensors().items()})
+
+    gen = generator(device.type, str(spec), d, dtype)
+    K_cpu, K_dense = random_structured(spec, d, dtype, gen)
+    B_cpu, B_dense = random_structured(spec, d, dtype, gen)
+    K, B = moved(K_cpu), moved(B_cpu)
+    X = random_columns(d, 2 * d + 5, dtype, gen).to(device)
+    X_few = random_columns(d, 3, dtype, gen).to(device)
+    S = random_symmetric(d, gen)
+    X64, X_few64 = X.cpu().double(), X_few.cpu().double()
+
+    results = {
+        "from_dense": (spec.from_dense(S.to(dtype).to(device)).to_dense(), project(spec, S)),
+        "to_dense": (K.to_dense(), K_dense),
+        "matmul": ((K @ B).to_dense(), K_dense @ B_dense),
+        "matmat": (K.matmat(X), K_dense @ X64),
+        "rmatmat": (K.rmatmat(X), K_dense.T @ X64),
+        "from_inner": (
+            K.from_inner(X).to_dense(),
+            project(spec, K_dense.T @ X64 @ X64.T @ K_dense),
+        ),
+        "from_inner_few": (
+            K.from_inner(X_few).to_dense(),
+            project(spec, K_dense.T @ X_few64 @ X_few64.T @ K_dense),
+        ),
+        "from_inner_KtK": (K.from_inner().to_dense(), project(spec, K_dense.T @ K_dense)),
+        "from_mat_inner": (spec.from_mat_inner(X).to_dense(), project(spec, X64 @ X64.T)),
+        "diagonal": (K.diagonal(), K_dense.diagonal()),
+        "trace": (K.trace(), K_dense.trace()),
+        "frobenius": (K.frobenius_norm(), torch.linalg.matrix_norm(K_dense)),
+        "infinity": (K.infinity_vector_norm(), K_dense.abs().max()),
+        "diag_add": (K.clone().diag_add_(0.75).to_dense(), K_dense + 0.75 * torch.eye(d).double()),
+        "eye": (spec.eye(d, dtype=dtype, device=device).to_dense(), torch.eye(d).double()),
+    }
+    fft = isinstance(spec, TriangularToeplitz) and (d > DIRECT_MAX_DIM or route == "fft")
+    fft_tol = TOEPLITZ_FFT_FLOAT32 if fft and dtype == torch.float32 else None
+    for name, (actual, expected) in results.items():
+        assert actual.device.type == device.type, name
+        assert actual.dtype == dtype, name
+        assert_close_scaled(actual.cpu(), expected, dtype, name, fft_tol)
