@@ -104,15 +104,22 @@ class LayerAdapter(ABC, Generic[M]):
         embeddings count tokens).
         """
         if approx == "expand":
-            shared = self.shared_inputs(x)
-            rows = shared.shape[0] * shared.shape[1]
-            diag = shared.square().sum((0, 1)) / rows
+            diag = self.shared_inputs(x).square().mean((0, 1))  # (a mean: one division less)
         else:
             reduced = self.reduced_inputs(x)
             diag = reduced.square().sum(0) / reduced.shape[0]
         if self.parameters()[1] is not None:
             diag = pad_bias_entry(diag)
         return diag
+
+    def grad_output_squares(self, g: Tensor) -> tuple[Tensor, int, int]:
+        r"""Per output feature, :math:`\sum g^2` over the batch and the shared positions,
+        and the numbers of samples B and positions R (the diagonal of
+        :math:`G_m^\top G_m` before the loss-average scaling). By default through the
+        weight-sharing format; adapters override it with a direct reduction (no
+        reshaping or transposing views: accelerators pay per operation)."""
+        shared = self.shared_grad_outputs(g)
+        return shared.square().sum((0, 1)), shared.shape[0], shared.shape[1]
 
     def reduced_inputs(self, x: Tensor) -> Tensor:
         """The input averaged over shared positions, ``[B, d_in]`` (KFAC-reduce).
@@ -227,10 +234,14 @@ def grad_output_diagonal(
 ) -> Tensor:
     r""":math:`\operatorname{diag}(G_m^\top G_m)`, all a diagonal C needs, without forming
     :math:`G_m` (no transposed copy of convolution gradients)."""
-    shared = adapter.shared_grad_outputs(g)
-    summed = shared if approx == "expand" else shared.sum(1, keepdim=True)
-    squares = summed.square().sum((0, 1))
-    return squares * num_loss_terms(shared, loss_average)
+    if approx == "expand":
+        squares, batch, positions = adapter.grad_output_squares(g)
+    else:
+        shared = adapter.shared_grad_outputs(g)
+        squares = shared.sum(1).square().sum(0)
+        batch, positions = shared.shape[0], shared.shape[1]
+    terms = {None: 1, "batch": batch, "batch+sequence": batch * positions}[loss_average]
+    return squares * terms if terms != 1 else squares
 
 
 def num_loss_terms(shared: Tensor, loss_average: str | None) -> int:

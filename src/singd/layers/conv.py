@@ -85,28 +85,58 @@ def kernel_slices(module: nn.modules.conv._ConvNd, x_padded: Tensor) -> list[Ten
 _CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def patch_sums(module: nn.modules.conv._ConvNd, x_padded: Tensor) -> Tensor:
-    r"""Every patch entry summed over the output positions: ``[B, c, *k]`` from ``[B, c, *I]``.
+_WINDOWS: dict[tuple[tuple[int, ...], float, torch.dtype, torch.device], Tensor] = {}
+
+
+def _window(outs: list[int], scale: float, like: Tensor) -> Tensor:
+    """A ``[1, 1, *outs]`` window filled with ``scale``, made once per shape (a new one at
+    every call would be one more operation per layer and step)."""
+    key = (tuple(outs), scale, like.dtype, like.device)
+    window = _WINDOWS.get(key)
+    if window is None:
+        if len(_WINDOWS) >= 64:
+            _WINDOWS.clear()
+        window = _WINDOWS[key] = torch.full(
+            (1, 1, *outs), scale, dtype=like.dtype, device=like.device
+        )
+    return window
+
+
+def patch_sums(
+    module: nn.modules.conv._ConvNd, x: Tensor, scale: float = 1.0, *, padded: bool = True
+) -> Tensor:
+    r"""Every patch entry summed over the output positions (times ``scale``):
+    ``[B·c, 1, *k]`` from ``[B, c, *I]``.
 
     Entry :math:`(c, \delta)` of the patch at output position :math:`p` is
     :math:`x_c[p s + \delta \cdot \text{dil}]`, so its sum over :math:`p` is a
-    correlation of :math:`x_c` with an all-ones window of the output's size whose taps
+    correlation of :math:`x_c` with a constant window of the output's size whose taps
     are ``stride`` apart, evaluated every ``dilation``: one convolution (measured 2×
-    faster on the benchmark CNN) instead of one reduction per kernel offset.
+    faster on the benchmark CNN) instead of one reduction per kernel offset. An
+    unpadded ``x`` (``padded=False``) is zero-padded by that convolution itself, where
+    the layer pads with zeros symmetrically.
     """
-    B, c, *spatial = x_padded.shape
-    outs = output_size(module, x_padded.shape[2:])
-    window = x_padded.new_ones(1, 1, *outs)
+    padding: Any = 0
+    if not padded:
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            padding = module.padding
+        else:
+            x = pad_input(module, x)
+    B, c, *spatial = x.shape
+    padded_size = [n + 2 * p for n, p in zip(spatial, padding or [0] * len(spatial), strict=True)]
+    outs = output_size(module, torch.Size(padded_size))
     sums = _CONVOLUTIONS[len(outs)](
-        x_padded.reshape(B * c, 1, *spatial),
-        window,
+        x.reshape(B * c, 1, *spatial),
+        _window(outs, scale, x),
         stride=module.dilation,
         dilation=module.stride,
+        padding=padding,
     )
-    # a stride that does not divide the padded size leaves room for more offsets: drop them
-    index: tuple[Any, ...] = (Ellipsis, *(slice(0, k) for k in module.kernel_size))
-    sums = sums[index]
-    return sums.reshape(B, c, *module.kernel_size)
+    if tuple(sums.shape[2:]) != tuple(module.kernel_size):
+        # a stride that does not divide the padded size leaves room for more offsets
+        index: tuple[Any, ...] = (Ellipsis, *(slice(0, k) for k in module.kernel_size))
+        sums = sums[index]
+    return sums
 
 
 class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
@@ -198,16 +228,22 @@ class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
         if approx != "expand":
             return super().input_diagonal(x, approx)
         x = group_averaged_input(module, self._unbatched(x))
-        squares = pad_input(module, x.square().sum(0, keepdim=True))  # [1, c, *I]
-        rows = x.shape[0] * math.prod(output_size(module, squares.shape[2:]))
-        diag = patch_sums(module, squares).flatten() / rows  # [c·K], channel-major
+        squares = x.square().sum(0, keepdim=True)  # [1, c, *I]
+        padded = [n + a + b for n, (a, b) in zip(x.shape[2:], conv_paddings(module), strict=True)]
+        rows = x.shape[0] * math.prod(output_size(module, torch.Size(padded)))
+        diag = patch_sums(module, squares, 1.0 / rows, padded=False).reshape(-1)  # [c·K]
         if module.bias is not None:
             diag = pad_bias_entry(diag)
         return diag
+
+    def grad_output_squares(self, g: Tensor) -> tuple[Tensor, int, int]:
+        g = self._unbatched(g)  # [B, C_out, *O]: sums over every dimension but channels
+        dims = (0, *range(2, g.ndim))
+        return g.square().sum(dims), g.shape[0], math.prod(g.shape[2:])
 
     def reduced_inputs(self, x: Tensor) -> Tensor:
         """Patches averaged over output locations, ``[B, d_in]``, without unfolding them."""
         module = self.module
         x = pad_input(module, group_averaged_input(module, self._unbatched(x)))
         positions = math.prod(output_size(module, x.shape[2:]))
-        return patch_sums(module, x).flatten(1) / positions
+        return patch_sums(module, x, 1.0 / positions).reshape(x.shape[0], -1)
