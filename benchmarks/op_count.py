@@ -19,9 +19,9 @@ pipeline. Both are deterministic and can be counted on a CPU
   __bool__/__float__/__int__/__index__`` (some do not dispatch), each counted once.
   torch.optim's per-parameter ``step`` counters are host tensors by design (not a
   device synchronisation on a GPU), so reads of tensors stored under ``"step"`` in
-  the optimizer state are not counted; nor are reads of the host copies of the
-  refresh's finiteness flags (:mod:`singd.optim.monitor`: on a GPU a non-blocking
-  copy into pinned memory, read once an event says it has arrived).
+  the optimizer state are not counted; nor are reads of the step guard's verdicts
+  (:mod:`singd.optim.guard`: on a GPU a non-blocking copy into pinned memory, read
+  once an event says it has arrived; on a CPU the flags themselves, read at once).
 * **Accelerator code path**: the structures choose some kernels by device
   (:func:`singd.structures._linalg.splits_work`: split products into cache-sized
   pieces on CPUs only); it is forced to the accelerator branch. torch.optim's SGD and

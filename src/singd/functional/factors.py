@@ -75,12 +75,13 @@ def riemannian_gradients(
     K_tK = K.from_inner()
     C_tC = C.from_inner()
     scale = 0.5 * (1.0 - hp.alpha1) if hp.normalize_lr_cov else 0.5
-    # second terms first, as fresh matrices: adding into them leaves H_K, H_C untouched
+    # second terms first, in the fresh matrices KᵀK, CᵀC (H_K, H_C stay untouched);
+    # methods rather than operators: torch.compile traces them (not * or @ on objects)
     if hp.kfac_like:
         # ½(λ KᵀK + H − I) with the ½ folded into the coefficients (exact: a power of 2;
         # with normalize_lr_cov the same to round-off): one operation less per factor
-        new_m_K = (K_tK * (hp.damping * scale)).add_(H_K, alpha=scale)
-        new_m_C = (C_tC * (hp.damping * scale)).add_(H_C, alpha=h_c_unscale * scale)
+        new_m_K = K_tK.mul_(hp.damping * scale).add_(H_K, alpha=scale)
+        new_m_C = C_tC.mul_(hp.damping * scale).add_(H_C, alpha=h_c_unscale * scale)
         return new_m_K.diag_add_(-scale), new_m_C.diag_add_(-scale)
     tr_H_C = H_C.average_trace()
     tr_H_K = H_K.average_trace()
@@ -89,8 +90,8 @@ def riemannian_gradients(
     c_squared = hp.damping * C_tC.average_trace()
     kappa_squared = hp.damping * K_tK.average_trace()
     # + tr(H)·H with the device scalar as a fused multiply-add (StructuredMatrix.add_)
-    new_m_K = (K_tK * c_squared).add_(H_K, alpha=tr_H_C)
-    new_m_C = (C_tC * kappa_squared).add_(H_C, alpha=tr_H_K)
+    new_m_K = K_tK.mul_(c_squared).add_(H_K, alpha=tr_H_C)
+    new_m_C = C_tC.mul_(kappa_squared).add_(H_C, alpha=tr_H_K)
     return new_m_K.diag_add_(-1.0).mul_(scale), new_m_C.diag_add_(-1.0).mul_(scale)
 
 
@@ -118,9 +119,9 @@ def update_factors(
         if hp.normalize_lr_cov:
             # β₁ / max(1, ‖m‖∞) stays on the device: reading the norm would synchronise
             norm = m.infinity_vector_norm().clamp_min(1.0)
-            return (factor @ m).mul_(norm.reciprocal_().mul_(-hp.lr_cov)).add_(factor)
+            return factor.matmul(m).mul_(norm.reciprocal_().mul_(-hp.lr_cov)).add_(factor)
         # K − β₁ K m, written into the fresh product (same rounding as the subtraction)
-        return (factor @ m).mul_(-hp.lr_cov).add_(factor)
+        return factor.matmul(m).mul_(-hp.lr_cov).add_(factor)
 
     momentum = hp.alpha1 != 0.0
     return FactorState(

@@ -154,6 +154,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, StepPhasesMixin, Ste
         self._unscaled_step: int | None = None  # the step whose gradients a scaler unscaled
         notify_unscale()
         self.steps = 0
+        self._compiled_device_step: Callable[..., None] | None = None
         super().__init__(params, defaults)
         self._distributor.attach(self, wrapper)
         self._deferred = any(p.is_meta for g in self.param_groups for p in g["params"])
@@ -346,31 +347,60 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, StepPhasesMixin, Ste
         if found_inf is not None:
             guard.require_zero("found_inf from the GradScaler", found_inf)
         refreshed = Refreshed()
+        h_c_unscale = self._scales.h_c_unscale(t)
+        device_step = self._compiled_device_step or self._device_step
         try:
-            with profiler_range(PROFILER_LABELS["refresh"]):
-                h_c_unscale = self._scales.h_c_unscale(t)
-                self._refresh_layers(due, lr_covs, h_c_unscale, guard, refreshed)
-            with profiler_range(PROFILER_LABELS["precondition"]):
-                batched, single = self._directions(grad_divisor, guard)
-            targets, values = self._parameter_updates(batched, single, guard)
-            self._guarded_fallback(guard, grad_divisor)
+            device_step(due, lr_covs, h_c_unscale, grad_divisor, guard, refreshed)
         except BaseException:
             guard.abort()
             for restore in reversed(refreshed.undo):
                 restore()
             raise
-        guard.finish()
-        guard.commit_(targets, values)
-        for new, old in refreshed.replaced:
-            guard.select_(new, old)
-        for after_commit in refreshed.after_commit:
-            after_commit()
         for pre in self._preconditioners.values():
             pre.drop_statistics()  # (also those of layers not due after a correction)
         self.steps += 1
         self._scales.end_step(self.steps)
         self._groups.invalidate()
         self._verdicts.push(guard.verdict(t))
+
+    def _device_step(
+        self,
+        due: list[Layer],
+        lr_covs: dict[int, float],
+        h_c_unscale: float,
+        grad_divisor: float,
+        guard: StepGuard,
+        refreshed: Refreshed,
+    ) -> None:
+        """The device side of a step, committed: refresh, preconditioning, parameter and
+        fallback updates, the guard's verdict and the branch-free commit. No host reads
+        (:meth:`compile` compiles it into one graph)."""
+        with profiler_range(PROFILER_LABELS["refresh"]):
+            self._refresh_layers(due, lr_covs, h_c_unscale, guard, refreshed)
+        with profiler_range(PROFILER_LABELS["precondition"]):
+            batched, single = self._directions(grad_divisor, guard)
+        targets, values = self._parameter_updates(batched, single, guard)
+        self._guarded_fallback(guard, grad_divisor)
+        guard.finish()
+        guard.commit_(targets, values)
+        for new, old in refreshed.replaced:
+            guard.select_(new, old)
+        for after_commit in refreshed.after_commit:
+            after_commit()
+
+    def compile(self, **options: Any) -> None:
+        """Compile the device side of ``step()`` with ``torch.compile(fullgraph=True,
+        **options)``: the refresh, the preconditioning, the parameter updates and the
+        commit become one graph per kind of step (refresh or not), without graph breaks.
+
+        The host side (verdicts of earlier steps, the refresh schedule, the gradient
+        scale, ``lr_cov`` schedules) stays eager around it, so skipped steps are still
+        reported and taken off ``steps``. Like a compiled ``torch.optim`` optimizer,
+        the graph is specialised on the hyper-parameter values: changing ``lr``, the
+        gradient scale or ``lr_cov`` recompiles (Dynamo's recompile limit then falls
+        back to eager).
+        """
+        self._compiled_device_step = torch.compile(self._device_step, fullgraph=True, **options)
 
     def _lr_cov(self, index: int) -> float:
         """β₁ of group ``index`` at this step (read live: a number or a schedule), checked."""

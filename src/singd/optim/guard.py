@@ -92,6 +92,15 @@ def _subtracting(value: Tensor, delta: Tensor) -> Callable[[], None]:
     return undo
 
 
+def _where_into(out: Tensor, condition: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out ← where(condition, a, b)``: one kernel eagerly; compiled code cannot write
+    ``out=`` into a non-contiguous tensor, so there it copies (Inductor fuses the two)."""
+    if torch.compiler.is_compiling():
+        out.copy_(torch.where(condition, a, b))
+    else:
+        torch.where(condition, a, b, out=out)
+
+
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside singd and torch (the user's
     ``optimizer.step()`` or ``scaler.step(optimizer)`` call), for warnings."""
@@ -262,7 +271,7 @@ class StepGuard:
         ok = self.ok
         for target, value in zip(targets, new, strict=True):
             target, value = _local(target), _local(value)
-            torch.where(ok.to(target.device), value, target, out=target)
+            _where_into(target, ok.to(target.device), value, target)
 
     def select_(self, new: Sequence[Tensor], old: Sequence[Tensor]) -> None:
         """``new ← old`` unless :attr:`ok`: the new tensors hold the committed values.
@@ -278,7 +287,7 @@ class StepGuard:
                 delta = value - previous
                 self._undo.append(_subtracting(value, delta))
             else:
-                torch.where(ok.to(value.device), value, previous, out=value)
+                _where_into(value, ok.to(value.device), value, previous)
 
     def guard_in_place(
         self,
@@ -343,6 +352,9 @@ class StepGuard:
             host.copy_(passed, non_blocking=True)
             event = torch.Event(device=passed.device)
             event.record()
+        # (read once ready: never a device synchronisation; benchmarks/op_count.py
+        # does not count reads of tensors marked so)
+        host._singd_host_copy = True  # type: ignore[attr-defined]
         labels = list(self._labels)
         return Verdict(step, [labels[i] for i in self._order], host, event, list(self._undo))
 

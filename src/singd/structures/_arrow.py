@@ -97,6 +97,8 @@ def join_rows(Y_Z: Tensor, C: Tensor, X: Tensor, a: int, e: int) -> Tensor:
     c = X_C.shape[0]
     if c == 0:
         return Y_Z
+    if torch.compiler.is_compiling():  # (Dynamo cannot trace out= into a view)
+        return torch.cat([Y_Z[:a], C.unsqueeze(1) * X_C, Y_Z[a:]])
     out = torch.empty_like(X)
     out[:a] = Y_Z[:a]
     torch.mul(C.unsqueeze(1), X_C, out=out[a : a + c])

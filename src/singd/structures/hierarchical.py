@@ -163,11 +163,12 @@ class HierarchicalMatrix(StructuredMatrix):
     def _remember(self, pieces: _arrow.Pieces) -> None:
         """Keep ``pieces`` as this matrix's until a stored tensor changes in place (its
         version counter moves; views share their base's)."""
-        self._cached = (self._versions(), pieces)
+        if not torch.compiler.is_compiling():  # (compiled code: no version counters)
+            self._cached = (self._versions(), pieces)
 
     def _pieces(self) -> _arrow.Pieces:
         r""":math:`(K_{\mathcal Z\mathcal Z}, W, C)`: dense part, dense rows over C, diagonal."""
-        cached = self._cached
+        cached = None if torch.compiler.is_compiling() else self._cached
         if cached is not None and cached[0] == self._versions():
             return cached[1]
         t = self._tensors
