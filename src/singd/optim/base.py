@@ -58,10 +58,11 @@ from singd.amp import (
 from singd.capture import StatisticsCapture
 from singd.config import GroupConfig
 from singd.distributed import Distributor, KroneckerLayer, resolve_distributor, unwrap_model
+from singd.layers import Layer
 from singd.optim.checkpoint import CheckpointMixin
 from singd.optim.groups import GroupConfigs
 from singd.optim.guard import StepGuard, VerdictQueue
-from singd.optim.layer_registry import Layer, LayerGroupsMixin, LayerRegistry
+from singd.optim.layer_registry import LayerGroupsMixin, LayerRegistry
 from singd.optim.phases import StepPhasesMixin
 from singd.optim.step_state import StepStateMixin
 from singd.optim.validation import (

@@ -29,7 +29,8 @@ from singd.preconditioners.base import Refreshed
 
 if TYPE_CHECKING:
     from singd.distributed import Distributor
-    from singd.optim.layer_registry import Layer, LayerRegistry
+    from singd.layers import Layer
+    from singd.optim.layer_registry import LayerRegistry
 
 
 class StepPhasesMixin:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
     from singd.amp import GradScaleTracker
     from singd.capture import StatisticsCapture
-    from singd.optim.layer_registry import Layer, LayerRegistry
+    from singd.layers import Layer
+    from singd.optim.layer_registry import LayerRegistry
     from singd.preconditioners import LayerPreconditioner
 
 
