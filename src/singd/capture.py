@@ -5,8 +5,7 @@ update and gradients are enabled, a *tensor hook on the layer output*. Module
 backward hooks are avoided on purpose: they break with in-place activations
 (``ReLU(inplace=True)``, PyTorch issue 61519), while a tensor hook registered
 before the in-place change receives the gradient of the layer's own output.
-Forward passes under ``torch.no_grad()`` capture nothing. Models wrapped in
-``torch.compile`` work: the hooks are excluded from compilation.
+Forward passes under ``torch.no_grad()`` capture nothing.
 
 Two cases need more than that one tensor hook:
 
@@ -24,34 +23,96 @@ Two cases need more than that one tensor hook:
   no statistics. (A module that had forward hooks of its own before the optimizer
   keeps its dict, whose handles the user holds; there a copied capture hook becomes a
   placeholder that does nothing and deletes itself at the copy's first call.)
+
+**Under** ``torch.compile`` the forward hook is traced into the model's graph (no
+graph break) and takes another route, the same at every step so that nothing
+recompiles: the output passes through :class:`_Tap`, an ``autograd.Function``
+that copies it and saves the input; its backward hands both to
+``singd::deliver_statistics``, an opaque custom op with an ordered effect (so
+AOTAutograd and Inductor keep it although it returns nothing). That op runs eagerly
+inside the compiled backward and asks *there* whether the layer is due: the schedule
+(the optimizer's step counter, each group's ``T``) never becomes a guard. In eager
+mode the tap is not used; the tensor hook is registered at refresh steps only, so
+plain steps dispatch no extra operation. Statistics-wise this route is the eager one: in-place ops on (view) outputs act on
+the copy, and the copies of the model carry no capture hook to trace.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._library.effects import EffectType
 from torch.utils.hooks import RemovableHandle
 
 StatisticsCallback = Callable[[str, Tensor, Tensor], None]
+
+#: Each capture hook's number (a constant in the compiled graph), and who receives the
+#: statistics of its tap: slot -> (capture, layer name).
+_NEXT_SLOT = itertools.count()
+_RECEIVERS: dict[int, tuple[weakref.ref[StatisticsCapture], str]] = {}
+
+
+@torch.library.custom_op("singd::deliver_statistics", mutates_args=())
+def _deliver_statistics(x: Tensor, grad_output: Tensor, slot: int) -> None:
+    """Hand a compiled layer's input and output gradient to its capture, if it is due."""
+    receiver = _RECEIVERS.get(slot)
+    capture = receiver[0]() if receiver is not None else None
+    if capture is not None:
+        capture._deliver(receiver[1], x, grad_output)  # type: ignore[index]
+
+
+@_deliver_statistics.register_fake
+def _(x: Tensor, grad_output: Tensor, slot: int) -> None:
+    return None
+
+
+# An op without outputs is dead code to AOTAutograd and Inductor unless it has an effect.
+_deliver_statistics.register_effect(EffectType.ORDERED)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a compiled layer's output whose backward delivers the statistics."""
+
+    @staticmethod
+    def forward(output: Tensor, x: Tensor, slot: int) -> Tensor:
+        # A copy, not a view: autograd forbids in-place ops (ReLU(inplace=True), x[m] = v)
+        # on a view made inside a Function. Inductor inlines the copy into its consumers.
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
+        ctx.slot = inputs[2]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        torch.ops.singd.deliver_statistics(x, grad_output, ctx.slot)
+        return grad_output, None, None
 
 
 class _CaptureHook:
     """The forward hook of one captured layer (a marker type for :class:`_HookDict`)."""
 
-    __slots__ = ("capture", "hook_id", "name")
+    __slots__ = ("capture", "hook_id", "name", "slot")
 
-    def __init__(self, capture: StatisticsCapture, name: str) -> None:
+    def __init__(self, capture: StatisticsCapture, name: str, slot: int) -> None:
         self.capture = capture
         self.name = name
+        self.slot = slot
         self.hook_id = -1  # set once registered
 
     def __call__(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
+        if torch.compiler.is_compiling():
+            return _forward_compiled(self.slot, args, kwargs, output)
         return self.capture._forward(self.name, args, kwargs, output)
 
     def __reduce__(self) -> Any:
@@ -90,6 +151,14 @@ class _HookDict(OrderedDict):
         return (OrderedDict, (), None, None, iter(kept))
 
 
+def _forward_compiled(slot: int, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    """The forward hook as Dynamo traces it: the same graph at every step (module docstring)."""
+    if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+        return None
+    x = args[0] if args else next(iter(kwargs.values()))
+    return _Tap.apply(output, x.detach(), slot)
+
+
 def _is_whole_base(view: Tensor, base: Tensor) -> bool:
     """Whether ``view`` is ``base`` reshaped (same elements in the same order)."""
     return (
@@ -113,6 +182,7 @@ class StatisticsCapture:
         self._is_due = is_due
         self._on_statistics = on_statistics
         self._handles: dict[str, RemovableHandle] = {}
+        self._slots: dict[str, int] = {}
         #: Layers whose forward hook ran (whatever the step): a layer never seen here
         #: although its weight has a gradient is used without calling the module.
         self.fired: set[str] = set()
@@ -122,14 +192,20 @@ class StatisticsCapture:
         if not module._forward_hooks:
             # No handle of the user's refers to the empty dict this replaces.
             module._forward_hooks = _HookDict()
-        hook = _CaptureHook(self, name)
+        slot = next(_NEXT_SLOT)
+        hook = _CaptureHook(self, name, slot)
         handle = module.register_forward_hook(hook, with_kwargs=True)
         hook.hook_id = handle.id
         self._handles[name] = handle
+        self._slots[name] = slot
+        _RECEIVERS[slot] = (weakref.ref(self), name)
 
-    # Under torch.compile the hook runs eagerly (a graph break per captured layer):
-    # tracing it would guard on the step counter and recompile at every step.
-    @torch.compiler.disable
+    def _deliver(self, name: str, x: Tensor, grad_output: Tensor) -> None:
+        """A compiled backward reached the layer: capture if it is due (runs eagerly)."""
+        self.fired.add(name)
+        if self._is_due(name):
+            self._on_statistics(name, x, grad_output)
+
     def _forward(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
@@ -170,9 +246,18 @@ class StatisticsCapture:
         handle = self._handles.pop(name, None)
         if handle is not None:
             handle.remove()
+        self._release(name)
 
     def remove(self) -> None:
         """Remove every hook."""
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
+        for name in list(self._slots):
+            self._release(name)
+
+    def _release(self, name: str) -> None:
+        """Stop receiving the statistics of ``name``'s tap."""
+        slot = self._slots.pop(name, None)
+        if slot is not None:
+            _RECEIVERS.pop(slot, None)

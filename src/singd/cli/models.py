@@ -1,8 +1,11 @@
 """Models of the ``singd`` command and of ``benchmarks/step_time.py``.
 
-Every model is built only from ``Conv2d``/``Linear`` (which SINGD and KFAC train)
-and parameter-free layers (``ReLU``, pooling, ``Flatten``), so one Kronecker
-optimizer trains all of its parameters and the comparison with SGD/AdamW is fair.
+Every model but :func:`resnet` is built only from ``Conv2d``/``Linear`` (which SINGD
+and KFAC train) and parameter-free layers (``ReLU``, pooling, ``Flatten``), so one
+Kronecker optimizer trains all of its parameters and the comparison with SGD/AdamW is
+fair. :func:`resnet` (torchvision's ResNet-18 in plain ``torch.nn``, BatchNorm
+included) is the model users compile (``tests/test_compile_model.py``,
+``benchmarks/compile_model.py``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 #: Channel plan of :func:`vgg_cnn`: numbers are 3×3 convolutions, ``"M"`` is 2×2 max-pooling.
 #: A VGG-11-like plan at a quarter of the width; five poolings take 32×32 to 1×1.
@@ -108,3 +111,62 @@ def tokenwise_mlp(features: int = 128, hidden: int = 256, num_classes: int = 10)
     weight-sharing case, KFAC-expand).
     """
     return mlp((features, hidden, hidden, num_classes))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two-convolution residual block (torchvision's ``BasicBlock``)."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def resnet(
+    widths: Sequence[int] = (64, 128, 256, 512),
+    blocks: Sequence[int] = (2, 2, 2, 2),
+    num_classes: int = 1000,
+    imagenet_stem: bool = True,
+) -> nn.Sequential:
+    """A ResNet of :class:`BasicBlock` stages; the defaults are torchvision's resnet18.
+
+    Args:
+        widths: Channels of each stage (every stage after the first halves the side).
+        blocks: Blocks per stage.
+        num_classes: Outputs of the linear head.
+        imagenet_stem: The 7×7 stride-2 convolution and max-pooling of ImageNet models;
+            otherwise one 3×3 convolution (small images).
+    """
+    stem: list[nn.Module] = (
+        [nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)]
+        if imagenet_stem
+        else [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)]
+    )
+    stem += [nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+    if imagenet_stem:
+        stem.append(nn.MaxPool2d(3, 2, 1))
+    stages: list[nn.Module] = []
+    channels = widths[0]
+    for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+        stage = []
+        for j in range(count):
+            stage.append(BasicBlock(channels, width, 2 if i > 0 and j == 0 else 1))
+            channels = width
+        stages.append(nn.Sequential(*stage))
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*stem, *stages, *head)
