@@ -33,8 +33,9 @@ AOTAutograd and Inductor keep it although it returns nothing). That op runs eage
 inside the compiled backward and asks *there* whether the layer is due: the schedule
 (the optimizer's step counter, each group's ``T``) never becomes a guard. In eager
 mode the tap is not used; the tensor hook is registered at refresh steps only, so
-plain steps dispatch no extra operation. Statistics-wise this route is the eager one: in-place ops on (view) outputs act on
-the copy, and the copies of the model carry no capture hook to trace.
+plain steps dispatch no extra operation. Statistics-wise this route is the eager
+one: in-place ops on (view) outputs act on the copy, and copies of the model carry
+no capture hook to trace.
 """
 
 from __future__ import annotations
