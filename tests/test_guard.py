@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from singd.optim.guard import StepGuard, Verdict, VerdictQueue
+from singd.optim.guard import StepGuard
+from singd.optim.verdicts import Verdict, VerdictQueue
 
 CPU = torch.device("cpu")
 

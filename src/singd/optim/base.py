@@ -37,7 +37,6 @@ and a preconditioner factory.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from abc import ABC
 from collections.abc import Callable, Iterable, Mapping
@@ -46,7 +45,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.profiler import record_function
 
 from singd.amp import (
     GradScaleTracker,
@@ -61,9 +59,9 @@ from singd.distributed import Distributor, KroneckerLayer, resolve_distributor, 
 from singd.layers import Layer
 from singd.optim.checkpoint import CheckpointMixin
 from singd.optim.groups import GroupConfigs
-from singd.optim.guard import StepGuard, VerdictQueue
+from singd.optim.guard import StepGuard
 from singd.optim.layer_registry import LayerGroupsMixin, LayerRegistry
-from singd.optim.phases import StepPhasesMixin
+from singd.optim.phases import PROFILER_LABELS, StepPhasesMixin, profiler_range
 from singd.optim.step_state import StepStateMixin
 from singd.optim.validation import (
     BOUNDS,
@@ -72,31 +70,11 @@ from singd.optim.validation import (
     check_grad_scaler,
     resolve_lr_cov,
 )
+from singd.optim.verdicts import VerdictQueue
 from singd.preconditioners import LayerPreconditioner
 from singd.preconditioners.base import Refreshed
 
 __all__ = ["PROFILER_LABELS", "KroneckerOptimizer", "Layer"]
-
-#: ``torch.profiler`` ranges around the optimizer's phases (besides torch.optim's own
-#: ``Optimizer.step#…`` range): the curvature statistics of each layer, computed in
-#: the backward hooks at refresh steps; the factor refresh; the preconditioning of the
-#: gradients. ``benchmarks/step_breakdown.py`` times a step by them.
-PROFILER_LABELS: dict[str, str] = {
-    "statistics": "singd::statistics",
-    "refresh": "singd::refresh",
-    "precondition": "singd::precondition",
-}
-
-
-def profiler_range(name: str) -> contextlib.AbstractContextManager[object]:
-    """``record_function(name)`` while a profiler runs, else nothing.
-
-    Opening a range dispatches two operations even without a profiler (host time on
-    every step, and per layer in the backward hooks); compiled code skips them.
-    """
-    if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
-        return record_function(name)
-    return contextlib.nullcontext()
 
 
 class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, StepPhasesMixin, StepStateMixin, ABC):
@@ -155,7 +133,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, StepPhasesMixin, Ste
         self._unscaled_step: int | None = None  # the step whose gradients a scaler unscaled
         notify_unscale()
         self.steps = 0
-        self._compiled_device_step: Callable[..., None] | None = None
+        self._compiled_device_step = None
         super().__init__(params, defaults)
         self._distributor.attach(self, wrapper)
         self._deferred = any(p.is_meta for g in self.param_groups for p in g["params"])
@@ -363,45 +341,6 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, StepPhasesMixin, Ste
         self._scales.end_step(self.steps)
         self._groups.invalidate()
         self._verdicts.push(guard.verdict(t))
-
-    def _device_step(
-        self,
-        due: list[Layer],
-        lr_covs: dict[int, float],
-        h_c_unscale: float,
-        grad_divisor: float,
-        guard: StepGuard,
-        refreshed: Refreshed,
-    ) -> None:
-        """The device side of a step, committed: refresh, preconditioning, parameter and
-        fallback updates, the guard's verdict and the branch-free commit. No host reads
-        (:meth:`compile` compiles it into one graph)."""
-        with profiler_range(PROFILER_LABELS["refresh"]):
-            self._refresh_layers(due, lr_covs, h_c_unscale, guard, refreshed)
-        with profiler_range(PROFILER_LABELS["precondition"]):
-            batched, single = self._directions(grad_divisor, guard)
-        targets, values = self._parameter_updates(batched, single, guard)
-        self._guarded_fallback(guard, grad_divisor)
-        guard.finish()
-        guard.commit_(targets, values)
-        for new, old in refreshed.replaced:
-            guard.select_(new, old)
-        for after_commit in refreshed.after_commit:
-            after_commit()
-
-    def compile(self, **options: Any) -> None:
-        """Compile the device side of ``step()`` with ``torch.compile(fullgraph=True,
-        **options)``: the refresh, the preconditioning, the parameter updates and the
-        commit become one graph per kind of step (refresh or not), without graph breaks.
-
-        The host side (verdicts of earlier steps, the refresh schedule, the gradient
-        scale, ``lr_cov`` schedules) stays eager around it, so skipped steps are still
-        reported and taken off ``steps``. Like a compiled ``torch.optim`` optimizer,
-        the graph is specialised on the hyper-parameter values: changing ``lr``, the
-        gradient scale or ``lr_cov`` recompiles (Dynamo's recompile limit then falls
-        back to eager).
-        """
-        self._compiled_device_step = torch.compile(self._device_step, fullgraph=True, **options)
 
     def _lr_cov(self, index: int) -> float:
         """β₁ of group ``index`` at this step (read live: a number or a schedule), checked."""

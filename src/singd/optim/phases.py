@@ -14,11 +14,13 @@ layer is one batch of its own.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import contextlib
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.autograd.profiler import record_function
 
 from singd.config import GroupConfig
 from singd.functional import kl_clip_factor, parameter_step
@@ -33,6 +35,28 @@ if TYPE_CHECKING:
     from singd.optim.layer_registry import LayerRegistry
 
 
+#: ``torch.profiler`` ranges around the optimizer's phases (besides torch.optim's own
+#: ``Optimizer.step#…`` range): the curvature statistics of each layer, computed in
+#: the backward hooks at refresh steps; the factor refresh; the preconditioning of the
+#: gradients. ``benchmarks/step_breakdown.py`` times a step by them.
+PROFILER_LABELS: dict[str, str] = {
+    "statistics": "singd::statistics",
+    "refresh": "singd::refresh",
+    "precondition": "singd::precondition",
+}
+
+
+def profiler_range(name: str) -> contextlib.AbstractContextManager[object]:
+    """``record_function(name)`` while a profiler runs, else nothing.
+
+    Opening a range dispatches two operations even without a profiler (host time on
+    every step, and per layer in the backward hooks); compiled code skips them.
+    """
+    if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
+        return record_function(name)
+    return contextlib.nullcontext()
+
+
 class StepPhasesMixin:
     """The phases of ``KroneckerOptimizer._guarded_step`` (module docstring)."""
 
@@ -41,6 +65,8 @@ class StepPhasesMixin:
     _distributor: Distributor
     param_groups: list[dict[str, Any]]
     state: Any
+    #: the compiled :meth:`_device_step` (:meth:`compile`), None: eager
+    _compiled_device_step: Callable[..., None] | None = None
     if TYPE_CHECKING:  # (LayerGroupsMixin provides them)
 
         def _config(self, index: int) -> GroupConfig: ...
@@ -60,6 +86,46 @@ class StepPhasesMixin:
             index = self._registry.group_of_layer[pre.name]
             batches.setdefault((index, type(pre), key), []).append(pre)
         return list(batches.values())
+
+    # --- the device side of a step --------------------------------------------------
+    def _device_step(
+        self,
+        due: list[Layer],
+        lr_covs: dict[int, float],
+        h_c_unscale: float,
+        grad_divisor: float,
+        guard: StepGuard,
+        refreshed: Refreshed,
+    ) -> None:
+        """The device side of a step, committed: refresh, preconditioning, parameter and
+        fallback updates, the guard's verdict and the branch-free commit. No host reads
+        (:meth:`compile` compiles it into one graph)."""
+        with profiler_range(PROFILER_LABELS["refresh"]):
+            self._refresh_layers(due, lr_covs, h_c_unscale, guard, refreshed)
+        with profiler_range(PROFILER_LABELS["precondition"]):
+            batched, single = self._directions(grad_divisor, guard)
+        targets, values = self._parameter_updates(batched, single, guard)
+        self._guarded_fallback(guard, grad_divisor)
+        guard.finish()
+        guard.commit_(targets, values)
+        for new, old in refreshed.replaced:
+            guard.select_(new, old)
+        for after_commit in refreshed.after_commit:
+            after_commit()
+
+    def compile(self, **options: Any) -> None:
+        """Compile the device side of ``step()`` with ``torch.compile(fullgraph=True,
+        **options)``: the refresh, the preconditioning, the parameter updates and the
+        commit become one graph per kind of step (refresh or not), without graph breaks.
+
+        The host side (verdicts of earlier steps, the refresh schedule, the gradient
+        scale, ``lr_cov`` schedules) stays eager around it, so skipped steps are still
+        reported and taken off ``steps``. Like a compiled ``torch.optim`` optimizer,
+        the graph is specialised on the hyper-parameter values: changing ``lr``, the
+        gradient scale or ``lr_cov`` recompiles (Dynamo's recompile limit then falls
+        back to eager).
+        """
+        self._compiled_device_step = torch.compile(self._device_step, fullgraph=True, **options)
 
     # --- refresh -----------------------------------------------------------------------
     def _refresh_layers(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from singd.optim.guard import Verdict, VerdictQueue
+from singd.optim.verdicts import Verdict, VerdictQueue
 
 if TYPE_CHECKING:
     from torch import nn
