@@ -219,3 +219,19 @@ def test_an_unknown_keyword_names_the_valid_options() -> None:
         SINGD(mlp(), lrr=0.1)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match=r"its options are: .*factor_dtype, inverse_dtype"):
         KFAC(mlp(), alpha1=0.1)  # type: ignore[call-arg]
+
+
+def test_no_source_file_outside_the_cli_is_above_400_lines() -> None:
+    """The house rule that keeps each file about one idea (issue 16)."""
+    from pathlib import Path
+
+    import singd
+
+    root = Path(singd.__file__).parent
+    long = {
+        str(path.relative_to(root)): n
+        for path in root.rglob("*.py")
+        if "cli" not in path.relative_to(root).parts
+        and (n := len(path.read_text().splitlines())) > 400
+    }
+    assert not long, long
