@@ -127,7 +127,6 @@ class DiagonalGroup:
         self.k2 = torch.ones(sum(d for d, _ in dims), dtype=dtype_K, device=device)
         self.c2 = torch.ones(sum(d for _, d in dims), dtype=dtype_C, device=device)
         # views of the buffers shaped to broadcast against [weight, bias] gradients
-        self.has_bias = list(has_bias)
         k2_parts = self.k2.split(self.K_segments.sizes)
         c2_parts = self.c2.split(self.C_segments.sizes)
         weight_rows, weight_columns, bias_rows, bias_columns = [], [], [], []
