@@ -53,7 +53,9 @@ CONTRACTS = frozenset(
 #: Every suite a case can be in (module docstring).
 SUITES = CONTRACTS | {"oracle", "distributed", "amp"}
 #: The oracle suite's problems (models of ``tests/test_oracle.py``).
-ORACLE_PROBLEMS = frozenset({"mlp", "seq", "conv_strided", "conv_same", "conv_modes"})
+ORACLE_PROBLEMS = frozenset(
+    {"mlp", "mlp_repeated", "seq", "conv_strided", "conv_same", "conv_modes"}
+)
 
 #: Hyper-parameters every case starts from (a few steps on the test CNN move far enough).
 BASE: dict[str, Any] = {"lr": 5e-3, "damping": 1e-3, "weight_decay": 1e-2, "lr_cov": 1e-2}
@@ -172,6 +174,41 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
     # --- the float64 oracle: every structure, approximation and loss average on MLP,
     # sequence and convolution problems (module docstring)
     OptimizerCase("ikfac-mlp", SINGD, {"kfac_like": True, "alpha1": 0.0}, ORACLE, problem="mlp"),
+    # equal layers: refreshed and preconditioned as one stack (every structure pair)
+    OptimizerCase("ingd-mlp_repeated", SINGD, {"T": 1}, ORACLE, problem="mlp_repeated"),
+    OptimizerCase(
+        "ikfac-mlp_repeated-T2",
+        SINGD,
+        {"T": 2, "kfac_like": True, "alpha1": 0.0},
+        ORACLE,
+        problem="mlp_repeated",
+    ),
+    OptimizerCase(
+        "singd-mlp_repeated-block-hierarchical-normalize",
+        SINGD,
+        {
+            "structures": ("block_diagonal(3)", "hierarchical(1, 2)"),
+            "normalize_lr_cov": True,
+            "lr_cov": 0.3,
+            "damping": 4.0,  # (λ·I dominates m: ‖m‖∞ > 1, the normalisation acts)
+        },
+        ORACLE,
+        problem="mlp_repeated",
+    ),
+    OptimizerCase(
+        "singd-mlp_repeated-toeplitz-rank",
+        SINGD,
+        {"structures": ("triu_toeplitz", "tril_bottom_right(2)"), "alpha1": 0.3},
+        ORACLE,
+        problem="mlp_repeated",
+    ),
+    OptimizerCase(
+        "singd-mlp_repeated-dense-diagonal",
+        SINGD,
+        {"structures": ("dense", "diagonal")},
+        ORACLE,
+        problem="mlp_repeated",
+    ),
     OptimizerCase("ingd-mlp-a0", SINGD, {"alpha1": 0.0}, ORACLE, problem="mlp"),
     OptimizerCase("ingd-mlp-T3", SINGD, {"T": 3}, ORACLE, problem="mlp"),
     OptimizerCase(

@@ -3,6 +3,7 @@
 * :mod:`singd.functional.batched`: the pure refresh and the preconditioning of a list of
   diagonal layers against :func:`update_factors` / :func:`natural_gradient`;
 * the optimizer: SINGD with diagonal factors batched (:mod:`singd.preconditioners.diagonal`)
+  and equal layers of other structures stacked (:mod:`singd.preconditioners.stacked`)
   against the same optimizer one layer at a time (``batch_key`` returning None), over
   refresh intervals, momenta, IKFAC, a GradScaler, a checkpoint loaded mid-run and a
   non-finite batch.
@@ -23,6 +24,7 @@ from singd.functional import FactorHyperparams, FactorState, natural_gradient, u
 from singd.functional.batched import DiagonalFactors, DiagonalGroup
 from singd.preconditioners import SINGDPreconditioner
 from singd.preconditioners.diagonal import DiagonalBatch
+from singd.preconditioners.stacked import StackedBatch
 from singd.structures import Diagonal, DiagonalMatrix
 from tests.tolerances import assert_close
 
@@ -134,10 +136,15 @@ def test_diagonal_precondition_equals_the_natural_gradient() -> None:
 
 # --- the optimizer: batched against one layer at a time -----------------------------------
 def _model() -> nn.Sequential:
-    """Two convolutions and three linears of different shapes (one without bias)."""
+    """Convolutions and linears of different shapes, with two pairs of equal layers (a
+    pair of convolutions, a pair of linears without bias)."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(4, 3, 3, stride=2),
         nn.Flatten(),
@@ -145,8 +152,19 @@ def _model() -> nn.Sequential:
         nn.Tanh(),
         nn.Linear(10, 10, bias=False),
         nn.Tanh(),
+        nn.Linear(10, 10, bias=False),
+        nn.Tanh(),
         nn.Linear(10, 5),
     ).double()
+
+
+#: The structures of the stacked tests: (K, C) pairs other than both diagonal.
+STACKED_STRUCTURES = [
+    ("dense", "dense"),
+    ("dense", "diagonal"),
+    ("block_diagonal(4)", "tril_toeplitz"),
+    ("hierarchical(2, 3)", "triu_bottom_right(2)"),
+]
 
 
 def _batches(steps: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -165,6 +183,7 @@ def _run(
     *,
     batched: bool,
     monkeypatch: pytest.MonkeyPatch,
+    structures: tuple[str, str] = ("diagonal", "diagonal"),
     steps: int = 5,
     micro_batches: int = 1,
     scaler_scale: float | None = None,
@@ -175,11 +194,11 @@ def _run(
             patch.setattr(SINGDPreconditioner, "batch_key", lambda self: None)
         model = _model()
         options = {"lr": 5e-2, "lr_cov": 5e-2, "damping": 1e-3, "weight_decay": 1e-2, **kwargs}
-        optim = SINGD(model, structures=("diagonal", "diagonal"), **options)
+        optim = SINGD(model, structures=structures, **options)
         scaler = None
         if scaler_scale is not None:
             scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale, growth_interval=2)
-            optim = SINGD(model, structures=("diagonal", "diagonal"), grad_scaler=scaler, **options)
+            optim = SINGD(model, structures=structures, grad_scaler=scaler, **options)
         loss_func = nn.CrossEntropyLoss()
         for step, (X, y) in enumerate(_batches(steps)):
             if reload_at is not None and step == 1:
@@ -198,9 +217,12 @@ def _run(
             else:
                 optim.step()
         if batched:  # the batched path did run
+            kind = DiagonalBatch if structures == ("diagonal", "diagonal") else StackedBatch
             assert any(
-                isinstance(pre, SINGDPreconditioner) and pre.batches
+                isinstance(batch, kind)
                 for pre in optim.preconditioners.values()
+                if isinstance(pre, SINGDPreconditioner)
+                for batch in pre.batches.values()
             )
     return model, optim
 
@@ -281,6 +303,80 @@ def test_layers_hold_views_of_the_batch_and_a_non_finite_step_changes_nothing() 
         for key, t in pre.state_dict().items():
             assert torch.equal(t, states[name][key]), (name, key)
     # and the next good step trains from there (the k², c² buffers were refilled)
+    optim.zero_grad()
+    loss_func(model(X), y).backward()
+    optim.step()
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), params, strict=True))
+
+
+# --- equal layers of other structures: stacked ---------------------------------------------
+@pytest.mark.parametrize("structures", STACKED_STRUCTURES, ids=lambda s: "-".join(s))
+@pytest.mark.parametrize("kwargs", OPTIONS)
+def test_stacked_optimizer_equals_one_layer_at_a_time(
+    kwargs: dict, structures: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _assert_same(
+        _run(kwargs, batched=True, monkeypatch=monkeypatch, structures=structures),
+        _run(kwargs, batched=False, monkeypatch=monkeypatch, structures=structures),
+    )
+
+
+@pytest.mark.parametrize("structures", STACKED_STRUCTURES[::3], ids=lambda s: "-".join(s))
+def test_stacked_with_accumulation_scaler_and_reload(
+    structures: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = dict(micro_batches=2, scaler_scale=2.0**10, structures=structures)
+    _assert_same(
+        _run({"T": 1}, batched=True, monkeypatch=monkeypatch, **options),
+        _run({"T": 1}, batched=False, monkeypatch=monkeypatch, **options),
+    )
+    reload = dict(reload_at=3, structures=structures)
+    _assert_same(  # a checkpoint replaces the layers' tensors: the batch stacks anew
+        _run({"T": 2}, batched=True, monkeypatch=monkeypatch, **reload),
+        _run({"T": 2}, batched=False, monkeypatch=monkeypatch, **reload),
+    )
+
+
+def test_equal_layers_hold_rows_of_the_stack_and_a_non_finite_step_changes_nothing() -> None:
+    model = _model()
+    optim = SINGD(model, structures=("block_diagonal(4)", "dense"), lr=5e-2, lr_cov=5e-2)
+    loss_func = nn.CrossEntropyLoss()
+    (X, y), (X_bad, _) = _batches(2)
+    optim.zero_grad()
+    loss_func(model(X), y).backward()
+    optim.step()
+    stacks = [
+        batch
+        for pre in optim.preconditioners.values()
+        for batch in pre.batches.values()  # type: ignore[attr-defined]
+    ]
+    # the pair of convolutions and the pair of linears, nothing else
+    assert sorted(len(b.pres) for b in stacks) == [2, 2]
+    assert all(isinstance(b, StackedBatch) for b in stacks)
+    for batch in stacks:
+        blocks = batch.current()["K"]["blocks"]
+        assert blocks.shape[0] == 2
+        for i, pre in enumerate(batch.pres):
+            held = pre.state.K.tensors()["blocks"]  # type: ignore[union-attr]
+            assert held.untyped_storage().data_ptr() == blocks.untyped_storage().data_ptr()
+            assert torch.equal(held, blocks[i])
+    params = [p.detach().clone() for p in model.parameters()]
+    states = {
+        name: {k: t.clone() for k, t in pre.state_dict().items()}
+        for name, pre in optim.preconditioners.items()
+    }
+    X_bad[0, 0, 0, 0] = float("nan")
+    optim.zero_grad()
+    loss_func(model(X_bad), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optim.step()
+    assert any("skipped" in str(w.message) for w in caught)
+    for p, before in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, before)
+    for name, pre in optim.preconditioners.items():
+        for key, t in pre.state_dict().items():
+            assert torch.equal(t, states[name][key]), (name, key)
     optim.zero_grad()
     loss_func(model(X), y).backward()
     optim.step()

@@ -26,8 +26,9 @@ from tests.tolerances import assert_close
 torch_dynamo = pytest.importorskip("torch._dynamo")
 
 #: One configuration per code path the trace goes through: batched diagonal layers,
-#: dense factors (INGD), arrow structures (hierarchical: remembered pieces; rank-1
-#: triangular: joined rows), IKFAC, and KFAC (inverses, non-contiguous state).
+#: stacked equal layers of dense factors (INGD), arrow structures (hierarchical:
+#: remembered pieces; rank-1 triangular: joined rows), IKFAC, and KFAC (inverses,
+#: non-contiguous state).
 CONFIGS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "diagonal": (SINGD, {"structures": ("diagonal", "diagonal")}),
     "ingd": (SINGD, {"structures": ("dense", "dense")}),
@@ -40,7 +41,17 @@ CONFIGS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 
 def _setup(name: str, device: str = "cpu") -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    # two equal layers: batched (diagonal) or stacked (every other structure), traced
+    # through torch.vmap
+    model = nn.Sequential(
+        nn.Linear(6, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    )
     model = model.to(device=device, dtype=torch.float64)
     cls, kwargs = CONFIGS[name]
     return model, cls(model, T=2, lr=0.1, lr_cov=0.1, **kwargs)  # type: ignore[call-arg]

@@ -86,15 +86,28 @@ def test_training_step_within_the_targets_and_step_reads_nothing_back(
     assert plain.mean_step_reads == 0
 
 
-def test_batched_step_does_not_grow_with_the_number_of_equal_layers() -> None:
-    """SINGD-diagonal's ``step()`` on 12 and 24 equal layers: the refresh and the
-    preconditioning are the same operations; only the commit grows, by one ``where`` per
-    parameter and momentum buffer (4 per layer)."""
+@pytest.mark.parametrize(
+    "spec",
+    [
+        OptimizerSpec("singd", "diagonal"),  # batched (singd.preconditioners.diagonal)
+        OptimizerSpec("ingd"),  # stacked (singd.preconditioners.stacked)
+        OptimizerSpec("ikfac"),
+        OptimizerSpec("singd", "block_diagonal(30)"),
+        OptimizerSpec("singd", "hierarchical(15, 15)"),
+        OptimizerSpec("singd", "tril_toeplitz"),
+        OptimizerSpec("singd", "triu_top_left(1)"),
+    ],
+    ids=lambda spec: spec.label,
+)
+def test_step_does_not_grow_with_the_number_of_equal_layers(spec: OptimizerSpec) -> None:
+    """``step()`` on 12 and 24 equal layers: the refresh and the preconditioning are the
+    same operations; only the commit grows, by one ``where`` per parameter and momentum
+    buffer (4 per layer)."""
 
     def step_ops(depth: int) -> int:
         scenario = op_count.Scenario(
             "mlp", lambda: op_count.deep_mlp(depth), (64,), 10, 32
         )  # (same widths)
-        return op_count.count(scenario, OptimizerSpec("singd", "diagonal"), 1).step
+        return op_count.count(scenario, spec, 1).step
 
     assert step_ops(24) - step_ops(12) == 12 * 4

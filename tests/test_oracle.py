@@ -49,6 +49,23 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False))
 
 
+def mlp_repeated() -> nn.Module:
+    """Linear → three equal Linear (one without bias) → Linear, Tanh between: the equal
+    layers are refreshed and preconditioned as one stack
+    (:mod:`singd.preconditioners.stacked`; as one batch when diagonal)."""
+    return nn.Sequential(
+        nn.Linear(5, 4),
+        nn.Tanh(),
+        nn.Linear(4, 4),
+        nn.Tanh(),
+        nn.Linear(4, 4),
+        nn.Tanh(),
+        nn.Linear(4, 4),
+        nn.Tanh(),
+        nn.Linear(4, 3, bias=False),
+    )
+
+
 def sequence() -> nn.Module:
     """Linear layers applied to every position of ``[B, S, d]``."""
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
@@ -90,6 +107,7 @@ def conv_modes() -> nn.Module:
 
 PROBLEMS = {
     "mlp": Problem(mlp, (5,), (3,)),
+    "mlp_repeated": Problem(mlp_repeated, (5,), (3,)),
     "seq": Problem(sequence, (4, 4), (4, 3)),
     "conv_strided": Problem(conv_strided, (2, 7, 7), (3,)),
     "conv_same": Problem(conv_same, (2, 5, 6), (3,)),

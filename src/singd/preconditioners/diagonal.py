@@ -6,11 +6,8 @@ list of :class:`~singd.preconditioners.singd.SINGDPreconditioner` of equal
 K, C, m_K, m_C are *views* of four concatenated vectors, so a refresh reads them
 without copying, writes four new vectors (the guard commits them with four
 ``torch.where``, :mod:`singd.optim.guard`), and hands every layer views of the new
-ones. Whether a layer's state still consists of those views is checked by identity
-(``is``): a checkpoint load, a refresh undone or a layer refreshed outside the batch
-replaces its tensors, and the batch concatenates them afresh at its next use.
-Identity checks cost nothing on the device and, unlike version counters, do not
-change at every step, so compiled code can guard on them without recompiling.
+ones (:mod:`singd.preconditioners.joint`: checked by identity, concatenated afresh
+when a layer's tensors were replaced).
 
 The hooks of batched layers accumulate the factor-free statistics
 :math:`\operatorname{diag}(U)`, :math:`\operatorname{diag}(G)`
@@ -30,13 +27,13 @@ from torch import Tensor
 from singd.functional import FactorState
 from singd.functional.batched import DiagonalFactors, DiagonalGroup
 from singd.preconditioners.base import Refreshed
+from singd.preconditioners.joint import FACTOR_NAMES, JointStateBatch
 from singd.structures import Diagonal, DiagonalMatrix
 
 if TYPE_CHECKING:
     from singd.preconditioners.singd import SINGDPreconditioner
 
 _DIAGONAL = Diagonal()
-_NAMES = ("K", "C", "m_K", "m_C")
 
 
 def _diagonal(view: Tensor) -> DiagonalMatrix:
@@ -47,7 +44,7 @@ def _diag_of(factor: object) -> Tensor | None:
     return factor.diag if isinstance(factor, DiagonalMatrix) else None
 
 
-class DiagonalBatch:
+class DiagonalBatch(JointStateBatch):
     """The concatenated state of one batch of diagonal SINGD layers (module docstring).
 
     Args:
@@ -55,7 +52,7 @@ class DiagonalBatch:
     """
 
     def __init__(self, pres: Sequence[SINGDPreconditioner]) -> None:
-        self.pres = list(pres)
+        super().__init__(pres)
         states = [pre.factors() for pre in self.pres]
         self.group = DiagonalGroup(
             [(s.K.dim, s.C.dim) for s in states],
@@ -66,25 +63,16 @@ class DiagonalBatch:
             states[0].K.device,
         )
         self.flat: DiagonalFactors | None = None  # whose views the layers' states hold
-        self.views: list[tuple[Tensor | None, ...]] = []
         self.squares_of: DiagonalFactors | None = None  # whose k², c² group.k2/c2 hold
 
     # --- the concatenated state -----------------------------------------------------
-    def _synced(self) -> bool:
-        if self.flat is None:
-            return False
-        for pre, views in zip(self.pres, self.views, strict=True):
-            state = pre.state
-            if state is None:
-                return False
-            current = tuple(_diag_of(getattr(state, name)) for name in _NAMES)
-            if any(a is not b for a, b in zip(current, views, strict=True)):
-                return False
-        return True
+    @staticmethod
+    def layer_tensors(state: FactorState) -> list[Tensor | None]:
+        return [_diag_of(getattr(state, name)) for name in FACTOR_NAMES]
 
     def current(self) -> DiagonalFactors:
         """The concatenated committed state (concatenated afresh if a layer's changed)."""
-        if self.flat is not None and self._synced():
+        if self.flat is not None and self.synced():
             return self.flat
         states = [pre.factors() for pre in self.pres]
 
@@ -114,7 +102,7 @@ class DiagonalBatch:
                 m_K=_diagonal(mk) if mk is not None else None,
                 m_C=_diagonal(mc) if mc is not None else None,
             )
-            self.views.append((k, c, mk, mc))
+            self.views.append([k, c, mk, mc])
         self.flat = flat
 
     def _fill_squares(self, flat: DiagonalFactors) -> None:
@@ -142,6 +130,7 @@ class DiagonalBatch:
                 pre.state = state
                 pre.restore_statistics(stats)
             self.flat = self.squares_of = None
+            self.forget()
 
         checks = [
             (pre.name, [t for t in views if t is not None])

@@ -6,10 +6,12 @@ of :mod:`singd.functional.statistics`, sandwiched by the owner at the refresh);
 the refresh is :func:`singd.functional.update_factors`, the preconditioning
 :math:`C C^\top \nabla W K K^\top` (:func:`singd.functional.natural_gradient`).
 
-Layers whose K and C are both diagonal are refreshed and preconditioned *together*
-(:class:`singd.preconditioners.diagonal.DiagonalBatch`: a number of operations that
-does not grow with the number of layers); their hooks accumulate the factor-free
-diagonals :math:`\operatorname{diag}(U)`, :math:`\operatorname{diag}(G)`.
+Layers are refreshed and preconditioned *together* (a number of operations that does
+not grow with the number of layers): those whose K and C are both diagonal, whatever
+their sizes (:class:`singd.preconditioners.diagonal.DiagonalBatch`; their hooks
+accumulate the factor-free diagonals :math:`\operatorname{diag}(U)`,
+:math:`\operatorname{diag}(G)`), and those of equal structures and sizes
+(:class:`singd.preconditioners.stacked.StackedBatch`).
 """
 
 from __future__ import annotations
@@ -31,13 +33,19 @@ from singd.functional.statistics import (
 from singd.layers import LayerAdapter
 from singd.preconditioners.base import LayerPreconditioner, Refreshed
 from singd.preconditioners.diagonal import DiagonalBatch
+from singd.preconditioners.joint import FACTOR_NAMES, JointStateBatch
+from singd.preconditioners.stacked import StackedBatch
 from singd.structures import Diagonal, StructuredMatrix
 
 if TYPE_CHECKING:
     from singd.config import LayerPlan, SINGDConfig
     from singd.layers import Layer
 
-FACTOR_NAMES = ("K", "C", "m_K", "m_C")
+#: The first entry of a :meth:`SINGDPreconditioner.batch_key`: which batch runs it.
+_BATCH_KINDS: dict[str, type[JointStateBatch]] = {
+    "diagonal": DiagonalBatch,
+    "stacked": StackedBatch,
+}
 
 
 def restore_factor(like: StructuredMatrix, saved: Mapping[str, Tensor]) -> StructuredMatrix:
@@ -69,7 +77,7 @@ class SINGDPreconditioner(LayerPreconditioner):
         #: batched layer), sandwiched at the refresh
         self.raw_statistics = factor_free_statistics
         #: the batches this preconditioner leads (it is their first layer), by layer names
-        self.batches: dict[tuple[str, ...], DiagonalBatch] = {}
+        self.batches: dict[tuple[str, ...], JointStateBatch] = {}
 
     def factors(self) -> FactorState:
         """K, C (and m_K, m_C if α₁ ≠ 0), allocated as K = I, C = I on first use."""
@@ -99,7 +107,10 @@ class SINGDPreconditioner(LayerPreconditioner):
         # The hook divides by √s_{t−1} (singd.amp): squares carry 1/s_{t−1}.
         adapter = layer.adapter
         if self.H_K is None:  # the first pass of this step decides the kind of statistics
-            self.raw_statistics = self.factor_free_statistics or self.batch_key() is not None
+            key = self.batch_key()
+            self.raw_statistics = self.factor_free_statistics or (
+                key is not None and key[0] == "diagonal"
+            )
         if not self.raw_statistics:
             state = self.factors()
             H_K = input_curvature(state.K, adapter, x, approx)
@@ -158,58 +169,80 @@ class SINGDPreconditioner(LayerPreconditioner):
         return natural_gradient(state.K, state.C, G)
 
     # --- batches -------------------------------------------------------------------------
-    def batch_key(self) -> Hashable | None:
-        """Diagonal K and C of a layer whose gradient matrix is its weight flattened beside
-        its bias (Linear, Conv), with factors on this rank, in the weight's dtype, without
-        KL clipping: refreshed and preconditioned with the layers of equal key."""
+    def batch_key(self) -> tuple[Hashable, ...] | None:
+        """The batch of a layer whose gradient matrix is its weight flattened beside its
+        bias (Linear, Conv), with factors on this rank, without KL clipping: layers with
+        diagonal K and C in the weight's dtype (any sizes, ``"diagonal"``), else layers
+        of equal structures, sizes and dtypes (``"stacked"``); with equal
+        hyper-parameters and device. None: refreshed and preconditioned alone."""
         plan, config, layer = self.plan, self.config, self.layer
         adapter = type(layer.adapter)
         weight = layer.weight
         if (
             self.factor_free_statistics
             or config.kl_clip is not None
-            or not isinstance(plan.structure_K, Diagonal)
-            or not isinstance(plan.structure_C, Diagonal)
             or adapter.grad_matrix is not LayerAdapter.grad_matrix
             or adapter.split_matrix is not LayerAdapter.split_matrix
             or weight.shape[0] != plan.d_C
-            or not (weight.dtype == self.dtype_K == self.dtype_C)
             or type(weight) not in (Tensor, nn.Parameter)  # (DTensors etc.: one at a time)
         ):
             return None
         state = self.state
         if state is not None and (state.m_K is not None) != (config.alpha1 != 0):
             return None  # (a checkpoint with other momenta: one at a time)
-        return (
+        shared = (
             config.damping,
             config.alpha1,
             config.kfac_like,
             config.normalize_lr_cov,
-            self.dtype_K,
             weight.device,
+        )
+        if (
+            isinstance(plan.structure_K, Diagonal)
+            and isinstance(plan.structure_C, Diagonal)
+            and weight.dtype == self.dtype_K == self.dtype_C
+        ):
+            return ("diagonal", self.dtype_K, *shared)
+        return (
+            "stacked",
+            str(plan.structure_K),
+            str(plan.structure_C),
+            tuple(weight.shape),
+            len(layer.params),
+            weight.dtype,
+            self.dtype_K,
+            self.dtype_C,
+            *shared,
         )
 
     @staticmethod
-    def _batch(batch: Sequence[LayerPreconditioner]) -> DiagonalBatch:
+    def _batch(batch: Sequence[LayerPreconditioner]) -> JointStateBatch:
         pres = [pre for pre in batch if isinstance(pre, SINGDPreconditioner)]
         assert len(pres) == len(batch)
+        key = pres[0].batch_key()
+        assert key is not None
+        kind = _BATCH_KINDS[str(key[0])]
         names = tuple(pre.name for pre in pres)
         cached = pres[0].batches.get(names)
-        if cached is None:
+        if cached is None or type(cached) is not kind:
             if len(pres[0].batches) >= 8:  # (layer sets that vary from step to step)
                 pres[0].batches.clear()
-            cached = pres[0].batches[names] = DiagonalBatch(pres)
+            cached = pres[0].batches[names] = kind(pres)
         return cached
 
     @classmethod
     def refresh_batch(
         cls, batch: Sequence[LayerPreconditioner], lr_cov: float, h_c_unscale: float
     ) -> Refreshed:
-        if len(batch) == 1 or not all(
-            isinstance(pre, SINGDPreconditioner) and pre.raw_statistics for pre in batch
-        ):
+        pres = [pre for pre in batch if isinstance(pre, SINGDPreconditioner)]
+        if len(batch) == 1 or len(pres) != len(batch):
             return super().refresh_batch(batch, lr_cov, h_c_unscale)
-        return cls._batch(batch).refresh(lr_cov, h_c_unscale)
+        joint = cls._batch(batch)
+        # the statistics the batch expects (a step's first pass decided the kind)
+        raw = isinstance(joint, DiagonalBatch)
+        if any(pre.raw_statistics is not raw for pre in pres):
+            return super().refresh_batch(batch, lr_cov, h_c_unscale)
+        return joint.refresh(lr_cov, h_c_unscale)
 
     @classmethod
     def precondition_batch(

@@ -57,6 +57,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from singd.structures import _linalg
 from singd.structures._linalg import row_sum_of_squares
 
 Pieces = tuple[Tensor, Tensor, Tensor]
@@ -87,6 +88,15 @@ def split_blocks(S: Tensor, a: int, e: int) -> tuple[Tensor, Tensor, Tensor, Ten
     return ZZ_t.T, ZC_t.T, CZ_t.T, CC_t.T
 
 
+def _add_product_(out: Tensor, A: Tensor, B: Tensor) -> None:
+    """``out += A @ B`` in place: one fused ``addmm_``, or two operations under vmap
+    (which has no batching rule for ``addmm_``, :func:`singd.structures._linalg.tracing`)."""
+    if _linalg.tracing():
+        out.add_(A @ B)
+    else:
+        out.addmm_(A, B)
+
+
 def join_rows(Y_Z: Tensor, C: Tensor, X: Tensor, a: int, e: int) -> Tensor:
     r"""Rows :math:`(Y_{\mathcal Z}, \operatorname{diag}(C) X_{\mathcal C})` in index order.
 
@@ -97,7 +107,7 @@ def join_rows(Y_Z: Tensor, C: Tensor, X: Tensor, a: int, e: int) -> Tensor:
     c = X_C.shape[0]
     if c == 0:
         return Y_Z
-    if torch.compiler.is_compiling():  # (Dynamo cannot trace out= into a view)
+    if _linalg.tracing():  # (Dynamo and vmap cannot write out= into a view)
         return torch.cat([Y_Z[:a], C.unsqueeze(1) * X_C, Y_Z[a:]])
     out = torch.empty_like(X)
     out[:a] = Y_Z[:a]
@@ -140,7 +150,7 @@ def row_rmatmat(K_ZZ: Tensor, W: Tensor, C: Tensor, X: Tensor, a: int, e: int) -
     out = join_rows(K_ZZ.T @ X_Z, C, X, a, e)
     c = X_C.shape[0]
     if c > 0:
-        out[a : a + c].addmm_(W.T, X_Z)
+        _add_product_(out[a : a + c], W.T, X_Z)
     return out
 
 
@@ -171,7 +181,7 @@ def column_matmat(K_ZZ: Tensor, V: Tensor, C: Tensor, X: Tensor, a: int, e: int)
     out = join_rows(K_ZZ @ X_Z, C, X, a, e)
     c = X_C.shape[0]
     if c > 0:
-        out[a : a + c].addmm_(V, X_Z)
+        _add_product_(out[a : a + c], V, X_Z)
     return out
 
 

@@ -29,6 +29,16 @@ def splits_work(X: Tensor) -> bool:
     return X.device.type == "cpu"
 
 
+def tracing() -> bool:
+    """Whether the code runs under ``torch.compile`` or a ``torch.func`` transform
+    (``vmap`` of a batch of layers, :mod:`singd.preconditioners.stacked`): there tensors
+    have no meaningful version counters, ``out=`` cannot write into views, and some
+    in-place operations (``addcmul_``) have no batching rule."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def symmetric_gram(X: Tensor) -> Tensor:
     r""":math:`X X^\top` for ``X`` of shape ``[d, n]``, computing only its lower half.
 

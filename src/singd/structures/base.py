@@ -40,6 +40,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from singd.structures._linalg import tracing
+
 SelfMatrix = TypeVar("SelfMatrix", bound="StructuredMatrix")
 
 
@@ -275,7 +277,9 @@ class StructuredMatrix(ABC):
         self._check_same(other)
         theirs = other.tensors()
         for name, t in self._tensors.items():
-            if isinstance(alpha, Tensor):  # a device scalar: one fused operation, no sync
+            if isinstance(alpha, Tensor) and tracing():  # (vmap: addcmul_ has no rule)
+                t.add_(theirs[name].to(t.dtype) * alpha.to(t.dtype))
+            elif isinstance(alpha, Tensor):  # a device scalar: one fused operation, no sync
                 t.addcmul_(theirs[name].to(t.dtype), alpha.to(t.dtype))
             else:
                 t.add_(theirs[name].to(t.dtype), alpha=alpha)

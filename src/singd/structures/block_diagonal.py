@@ -32,6 +32,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from singd.structures._linalg import tracing
 from singd.structures.base import Structure, StructuredMatrix, check_size
 
 
@@ -124,7 +125,7 @@ def block_grams(X: Tensor, N: int, b: int) -> Tensor:
     X_blocks, _ = _row_blocks(X, N, b)
     w = -(-b // 16) * 16
     windows = min(N, (d - w) // b + 1) if d >= w else 0
-    widen = X.device.type == "cpu" and X.dtype == torch.float32
+    widen = X.device.type == "cpu" and X.dtype == torch.float32 and not tracing()
     if not (widen and 0 < w - b <= MAX_GRAM_WIDENING and windows > 0):
         return X_blocks @ X_blocks.mT
     rows, cols = X.stride()
@@ -167,6 +168,8 @@ class BlockDiagonalMatrix(StructuredMatrix):
         m, n = N * b, X.shape[1]
         blocks, last = (self.blocks.mT, self.last.T) if transpose else (self.blocks, self.last)
         X_blocks, X_last = _row_blocks(X, N, b)
+        if tracing():  # (Dynamo and vmap cannot write out= into a view)
+            return torch.cat([(blocks @ X_blocks).reshape(m, n), last @ X_last])
         out = X.new_empty(self.dim, n)
         torch.bmm(blocks, X_blocks, out=out[:m].view(N, b, n))
         torch.mm(last, X_last, out=out[m:])

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from singd.structures import _arrow
+from singd.structures import _arrow, _linalg
 from singd.structures.base import Structure, StructuredMatrix, check_size
 
 
@@ -163,12 +163,12 @@ class HierarchicalMatrix(StructuredMatrix):
     def _remember(self, pieces: _arrow.Pieces) -> None:
         """Keep ``pieces`` as this matrix's until a stored tensor changes in place (its
         version counter moves; views share their base's)."""
-        if not torch.compiler.is_compiling():  # (compiled code: no version counters)
+        if not _linalg.tracing():  # (compiled or vmapped code: no version counters)
             self._cached = (self._versions(), pieces)
 
     def _pieces(self) -> _arrow.Pieces:
         r""":math:`(K_{\mathcal Z\mathcal Z}, W, C)`: dense part, dense rows over C, diagonal."""
-        cached = None if torch.compiler.is_compiling() else self._cached
+        cached = None if _linalg.tracing() else self._cached
         if cached is not None and cached[0] == self._versions():
             return cached[1]
         t = self._tensors
