@@ -68,17 +68,49 @@ from singd.cli.report import Column, markdown_table
 #: Refresh intervals counted.
 T_VALUES = (1, 10)
 
-#: Counts published in issue 12 (singd 0.0.5 on the ``cnn`` scenario, T = 1, one training
-#: step, accelerator path), by the labels of this benchmark.
-PUBLISHED_CNN_T1: dict[str, int] = {
-    "SGD": 129,
-    "AdamW": 227,
-    "SINGD-diagonal": 704,
-    "SINGD-block_diagonal(30)": 2260,
-    "SINGD-hierarchical(15, 15)": 2972,
-    "INGD": 732,
-    "IKFAC": 606,
+#: The published package's counts (singd 0.0.5, T = 1, one training step), by scenario
+#: and the labels of this benchmark: the CNN's SGD/AdamW/diagonal/block/hierarchical/
+#: INGD/IKFAC figures are issue 12's table, the rest were counted by
+#: ``benchmarks/published_ops.py`` in the published package's own interpreter (which
+#: reproduces the issue's figures exactly); ``--published-python`` counts them afresh.
+PUBLISHED_T1: dict[str, dict[str, int]] = {
+    "cnn": {
+        "SGD": 129,
+        "AdamW": 227,
+        "SINGD-diagonal": 704,
+        "SINGD-block_diagonal(30)": 2260,
+        "SINGD-hierarchical(15, 15)": 2972,
+        "SINGD-tril_toeplitz": 2104,
+        "SINGD-triu_toeplitz": 2118,
+        "INGD": 732,
+        "IKFAC": 606,
+    },
+    "mlp24": {
+        "SINGD-diagonal": 2407,
+        "SINGD-block_diagonal(30)": 7957,
+        "SINGD-hierarchical(15, 15)": 10507,
+        "SINGD-tril_toeplitz": 7407,
+        "SINGD-triu_toeplitz": 7457,
+        "INGD": 2507,
+        "IKFAC": 2057,
+    },
 }
+
+
+def published_counts(python: str) -> dict[str, dict[str, int]]:
+    """:data:`PUBLISHED_T1` counted afresh by ``benchmarks/published_ops.py`` under the
+    published package's interpreter ``python`` (SGD and AdamW kept: torch's own)."""
+    import json
+    import subprocess
+
+    worker = Path(__file__).with_name("published_ops.py")
+    out = subprocess.run(
+        [python, str(worker)], check=True, capture_output=True, text=True, cwd="/"
+    ).stdout
+    counts: dict[str, dict[str, int]] = json.loads(out.strip().splitlines()[-1])
+    for scenario, torch_rows in (("cnn", ("SGD", "AdamW")),):
+        counts[scenario] |= {k: PUBLISHED_T1[scenario][k] for k in torch_rows}
+    return counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,8 +355,14 @@ def measure(
     return results
 
 
-def report(results: dict[str, dict[str, dict[int, Counts]]], t_values: Sequence[int]) -> str:
-    """The Markdown report."""
+def report(
+    results: dict[str, dict[str, dict[int, Counts]]],
+    t_values: Sequence[int],
+    published: dict[str, dict[str, int]] | None = None,
+) -> str:
+    """The Markdown report; ``published``: the published package's counts
+    (:data:`PUBLISHED_T1` by default)."""
+    published = PUBLISHED_T1 if published is None else published
     lines = [
         "# Operations per step and host reads in `step()` (accelerator code path)",
         "",
@@ -350,7 +388,7 @@ def report(results: dict[str, dict[str, dict[int, Counts]]], t_values: Sequence[
                 Column(f"mean{T}", f"mean T={T}", ".1f"),
                 Column(f"mean_reads{T}", f"mean reads T={T}", ".1f"),
             ]
-        if name == "cnn":
+        if name in published:
             columns.append(Column("published", "published T=1"))
         rows: list[dict[str, Any]] = []
         for label, by_T in by_label.items():
@@ -365,8 +403,8 @@ def report(results: dict[str, dict[str, dict[int, Counts]]], t_values: Sequence[
                     f"mean{T}": c.mean_train_step,
                     f"mean_reads{T}": c.mean_step_reads,
                 }
-            if name == "cnn":
-                row["published"] = PUBLISHED_CNN_T1.get(label)
+            if name in published:
+                row["published"] = published[name].get(label)
             rows.append(row)
         lines.append(markdown_table(rows, columns))
     return "\n".join(lines) + "\n"
@@ -381,11 +419,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--T", nargs="+", type=int, default=list(T_VALUES), dest="t_values")
     parser.add_argument("--out", type=Path, default=None, help="write the report here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--published-python",
+        default=None,
+        help="an interpreter with the published singd: count its column afresh "
+        "(benchmarks/published_ops.py); default: the recorded figures",
+    )
     args = parser.parse_args(argv)
     structures = args.structures if args.structures is not None else every_structure()
     specs = optimizer_specs(args.optimizers, structures)
     results = measure(args.scenarios, specs, args.t_values, not args.no_progress)
-    text = report(results, args.t_values)
+    published = published_counts(args.published_python) if args.published_python else None
+    text = report(results, args.t_values, published)
     if args.out is not None:
         args.out.write_text(text)
     print(text, end="")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import op_count
-from singd.cli.optimizers import OptimizerSpec
+from singd.cli.optimizers import OptimizerSpec, every_structure
 
 
 def test_counter_reproduces_the_published_reference_counts() -> None:
@@ -55,25 +55,50 @@ def test_report_plumbing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
 
 
 # --- the issue's targets, pinned (deterministic counts: a regression fails here) ----------
-#: Ceilings on one training step at T = 1 (forward, backward, ``step()``), accelerator
-#: code path: SINGD-diagonal at most twice SGD's count, every other structure and
-#: IKFAC/INGD at most the published implementation's (issue 12's table). Counted now:
-#: see ``benchmarks/op_count.md``.
-CEILINGS: dict[str, list[tuple[OptimizerSpec, int]]] = {
-    "cnn": [
-        (OptimizerSpec("singd", "diagonal"), 2 * 129),
-        (OptimizerSpec("singd", "block_diagonal(30)"), 2260),
-        (OptimizerSpec("singd", "hierarchical(15, 15)"), 2972),
-        (OptimizerSpec("ingd"), 732),
-        (OptimizerSpec("ikfac"), 606),
-    ],
-    "mlp24": [(OptimizerSpec("singd", "diagonal"), 2 * 555)],
-}
+def _ceilings() -> list[tuple[str, OptimizerSpec, int]]:
+    """Ceilings on one training step at T = 1 (forward, backward, ``step()``),
+    accelerator code path: every structure and IKFAC/INGD at most the published
+    implementation's count (``op_count.PUBLISHED_T1``: issue 12's table and
+    ``benchmarks/published_ops.py``), SINGD-diagonal also at most twice SGD's. Counted
+    now: see ``benchmarks/op_count.md``."""
+    specs = op_count.optimizer_specs(["ikfac", "ingd", "singd"], every_structure())
+    sgd = {"cnn": 129, "mlp24": 555}
+    rows = []
+    for scenario, published in op_count.PUBLISHED_T1.items():
+        for spec in specs:
+            if spec.label in published and spec.name != "sgd":
+                ceiling = published[spec.label]
+                if spec.label == "SINGD-diagonal":
+                    ceiling = min(ceiling, 2 * sgd[scenario])
+                rows.append((scenario, spec, ceiling))
+    return rows
+
+
+def test_the_ceilings_cover_the_issue_targets() -> None:
+    labels = {(scenario, spec.label) for scenario, spec, _ in _ceilings()}
+    for scenario in ("cnn", "mlp24"):
+        for name in ("SINGD-diagonal", "SINGD-block_diagonal(30)", "SINGD-hierarchical(15, 15)"):
+            assert (scenario, name) in labels
+        assert (scenario, "INGD") in labels and (scenario, "IKFAC") in labels
+
+
+def test_published_worker_counts_the_same_models() -> None:
+    """``benchmarks/published_ops.py`` (torch alone, for the published interpreter)
+    builds the models this benchmark counts."""
+    from benchmarks import published_ops
+
+    for name, (make, input_shape, classes) in published_ops.SCENARIOS.items():
+        ours = op_count.SCENARIOS[name]
+        assert (input_shape, classes) == (ours.input_shape, ours.num_classes)
+        mine, theirs = ours.model(), make()
+        assert [type(m) for m in mine.modules()] == [type(m) for m in theirs.modules()]
+        assert [p.shape for p in mine.parameters()] == [p.shape for p in theirs.parameters()]
+        assert str(mine) == str(theirs)
 
 
 @pytest.mark.parametrize(
     ("scenario", "spec", "ceiling"),
-    [(name, spec, ceiling) for name, rows in CEILINGS.items() for spec, ceiling in rows],
+    _ceilings(),
     ids=lambda v: v.label if isinstance(v, OptimizerSpec) else str(v),
 )
 def test_training_step_within_the_targets_and_step_reads_nothing_back(
