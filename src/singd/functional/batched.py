@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from singd.functional.factors import FactorHyperparams
+from singd.functional.scalars import Scalar
 
 
 @dataclasses.dataclass
@@ -152,7 +153,7 @@ class DiagonalGroup:
         h_k: Tensor,
         h_c: Tensor,
         hp: FactorHyperparams,
-        h_c_unscale: float = 1.0,
+        h_c_unscale: Scalar = 1.0,
         *,
         raw: bool = False,
     ) -> DiagonalFactors:
@@ -191,10 +192,15 @@ class DiagonalGroup:
             m_c=new_m_c if momentum else None,
         )
 
-    def _constant(self, values: tuple[float, float], like: Tensor) -> Tensor:
+    def _constant(self, values: tuple[Scalar, float], like: Tensor) -> Tensor:
         """``values`` as a tensor like ``like``, made once (creating one each refresh
-        would be a host-to-device copy)."""
-        key = (values, like.dtype)
+        would be a host-to-device copy); a first value that is a device scalar (the
+        compiled step's :math:`u`) is joined to the cached rest."""
+        first = values[0]
+        if isinstance(first, Tensor):
+            rest = self._constant((1.0, values[1]), like)[1:]
+            return torch.cat([first.to(like.dtype).reshape(1), rest])
+        key = ((first, values[1]), like.dtype)
         cached = self._constants.get(key)
         if cached is None:
             cached = torch.tensor(values, dtype=like.dtype, device=like.device)

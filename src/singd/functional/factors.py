@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from singd.functional.scalars import Scalar, is_one
 from singd.structures.base import StructuredMatrix
 
 
@@ -33,7 +34,7 @@ from singd.structures.base import StructuredMatrix
 class FactorHyperparams:
     """Hyper-parameters of one factor update (resolved from a param group)."""
 
-    lr_cov: float  # β₁
+    lr_cov: Scalar  # β₁ (a 0-d tensor in a compiled step: singd.functional.scalars)
     damping: float  # λ
     alpha1: float  # α₁
     kfac_like: bool
@@ -56,7 +57,7 @@ def riemannian_gradients(
     H_K: StructuredMatrix,
     H_C: StructuredMatrix,
     hp: FactorHyperparams,
-    h_c_unscale: float = 1.0,
+    h_c_unscale: Scalar = 1.0,
 ) -> tuple[StructuredMatrix, StructuredMatrix]:
     r"""The new gradient terms of :math:`m_K` and :math:`m_C` (without α₁ momentum).
 
@@ -85,7 +86,7 @@ def riemannian_gradients(
         return new_m_K.diag_add_(-scale), new_m_C.diag_add_(-scale)
     tr_H_C = H_C.average_trace()
     tr_H_K = H_K.average_trace()
-    if h_c_unscale != 1.0:
+    if not is_one(h_c_unscale):
         tr_H_C, tr_H_K = tr_H_C * h_c_unscale, tr_H_K * h_c_unscale
     c_squared = hp.damping * C_tC.average_trace()
     kappa_squared = hp.damping * K_tK.average_trace()
@@ -100,7 +101,7 @@ def update_factors(
     H_K: StructuredMatrix,
     H_C: StructuredMatrix,
     hp: FactorHyperparams,
-    h_c_unscale: float = 1.0,
+    h_c_unscale: Scalar = 1.0,
 ) -> FactorState:
     r"""One Riemannian step on :math:`(K, C, m_K, m_C)`; returns the new state.
 

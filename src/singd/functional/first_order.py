@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor
 
+from singd.functional.scalars import Scalar
+
 
 @torch.no_grad()
 def adamw_step(
@@ -27,7 +29,7 @@ def adamw_step(
     grads: list[Tensor],
     states: list[dict[str, Tensor]],
     *,
-    lr: float,
+    lr: Scalar,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
@@ -37,7 +39,7 @@ def adamw_step(
     Half-precision parameters are updated with float32 arithmetic (their state
     stays in their dtype). Missing state entries are created as zeros (``step``
     as a float32 scalar tensor, like ``torch.optim.AdamW``, so checkpoints are
-    interchangeable).
+    interchangeable). ``lr`` may be a 0-d tensor (:mod:`singd.functional.scalars`).
     """
     beta1, beta2 = betas
     for p, g, state in zip(params, grads, states, strict=True):
@@ -60,7 +62,10 @@ def adamw_step(
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        work.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        if isinstance(lr, Tensor):  # (a compiled step's device scalar: value= takes numbers)
+            work.sub_(exp_avg.div(denom).mul_(lr / bias_correction1))
+        else:
+            work.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         if half:
             p.copy_(work)
             state["exp_avg"].copy_(exp_avg)

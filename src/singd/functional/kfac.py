@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from singd.functional.scalars import Scalar
 
-def ema_update(S: Tensor, stat: Tensor, beta1: float) -> Tensor:
+
+def ema_update(S: Tensor, stat: Tensor, beta1: Scalar) -> Tensor:
     """:math:`(1-\\beta_1) S + \\beta_1 \\cdot` ``stat``."""
     return S * (1.0 - beta1) + stat.to(S.dtype) * beta1
 

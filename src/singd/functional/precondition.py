@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from singd.functional.scalars import Scalar
 from singd.structures.base import StructuredMatrix
 from singd.structures.dense import DenseMatrix
 from singd.structures.diagonal import DiagonalMatrix
@@ -69,7 +70,7 @@ def apply_parameter_step(
     directions: list[Tensor],
     states: list[dict[str, Tensor]],
     *,
-    lr: float,
+    lr: Scalar,
     momentum: float,
     weight_decay: float,
 ) -> None:
@@ -81,7 +82,7 @@ def apply_parameter_step(
         states: Per-parameter state dicts; ``momentum_buffer`` is created as zeros
             on first use (so the first buffer is :math:`\Delta + \gamma\mu`), as in
             ``torch.optim.SGD``.
-        lr: β₂.
+        lr: β₂ (a number, or a 0-d tensor: :mod:`singd.functional.scalars`).
         momentum: α₂.
         weight_decay: γ.
     """
@@ -101,7 +102,10 @@ def apply_parameter_step(
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, directions)
         directions = buffers
-    torch._foreach_add_(params, directions, alpha=-lr)
+    if isinstance(lr, Tensor):  # (a compiled step's device scalar: alpha= takes numbers)
+        torch._foreach_sub_(params, torch._foreach_mul(directions, lr))
+    else:
+        torch._foreach_add_(params, directions, alpha=-lr)
 
 
 @torch.no_grad()
@@ -110,7 +114,7 @@ def parameter_step(
     directions: list[Tensor],
     buffers: list[Tensor] | None,
     *,
-    lr: float,
+    lr: Scalar,
     momentum: float,
     weight_decay: float,
 ) -> tuple[list[Tensor], list[Tensor]]:
@@ -126,7 +130,7 @@ def parameter_step(
         directions: Preconditioned gradients :math:`\Delta` (overwritten).
         buffers: Momentum buffers :math:`m_\mu`, one per parameter (zeros for a
             parameter without one yet: the same first step), or None if α₂ = 0.
-        lr: β₂.
+        lr: β₂ (a number, or a 0-d tensor: :mod:`singd.functional.scalars`).
         momentum: α₂.
         weight_decay: γ.
 
@@ -146,10 +150,12 @@ def parameter_step(
         torch._foreach_add_(scaled, directions)
         new_buffers = list(scaled)
         directions = new_buffers
+    if isinstance(lr, Tensor):  # (a compiled step's device scalar: alpha= takes numbers)
+        return list(torch._foreach_sub(params, torch._foreach_mul(directions, lr))), new_buffers
     return list(torch._foreach_add(params, directions, alpha=-lr)), new_buffers
 
 
-def kl_clip_factor(kl_terms: list[Tensor], *, lr: float, kl_clip: float) -> Tensor:
+def kl_clip_factor(kl_terms: list[Tensor], *, lr: Scalar, kl_clip: float) -> Tensor:
     r"""KFAC's KL clipping: :math:`\nu = \min\bigl(1, \sqrt{c / (\beta_2^2 \sum_l
     \langle G_l, \Delta_l \rangle)}\bigr)`.
 

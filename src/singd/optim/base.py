@@ -56,6 +56,7 @@ from singd.amp import (
 from singd.capture import StatisticsCapture
 from singd.config import GroupConfig
 from singd.distributed import Distributor, KroneckerLayer, resolve_distributor, unwrap_model
+from singd.functional.scalars import Scalar
 from singd.layers import Layer
 from singd.optim.checkpoint import CheckpointMixin
 from singd.optim.groups import GroupConfigs
@@ -326,10 +327,19 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, StepPhasesMixin, Ste
         if found_inf is not None:
             guard.require_zero("found_inf from the GradScaler", found_inf)
         refreshed = Refreshed()
-        h_c_unscale = self._scales.h_c_unscale(t)
-        device_step = self._compiled_device_step or self._device_step
+        scalars: tuple[Mapping[int, Scalar], Mapping[int, Scalar], Scalar, Scalar] = (
+            {index: group["lr"] for index, group in enumerate(self.param_groups)},
+            lr_covs,
+            self._scales.h_c_unscale(t),
+            grad_divisor,
+        )
+        device_step = self._device_step
+        if self._compiled_device_step is not None:  # (device scalars: no recompiles)
+            device_step = self._compiled_device_step
+            scalars = self._step_scalars(*scalars)
+        lrs, lr_covs_, h_c_unscale, divisor = scalars
         try:
-            device_step(due, lr_covs, h_c_unscale, grad_divisor, guard, refreshed)
+            device_step(due, lrs, lr_covs_, h_c_unscale, divisor, guard, refreshed)
         except BaseException:
             guard.abort()
             for restore in reversed(refreshed.undo):

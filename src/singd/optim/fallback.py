@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from singd.config import Fallback
 from singd.functional import apply_parameter_step
 from singd.functional.first_order import adamw_step
+from singd.functional.scalars import Scalar
 
 if TYPE_CHECKING:
     from singd.config import GroupConfig
@@ -41,7 +42,7 @@ def adamw_rule(
     grads: list[Tensor],
     states: list[dict[str, Tensor]],
     config: GroupConfig,
-    lr: float,
+    lr: Scalar,
 ) -> None:
     """AdamW with the group's ``fallback_betas``, ``fallback_eps`` and decoupled decay."""
     adamw_step(
@@ -60,7 +61,7 @@ def sgd_rule(
     grads: list[Tensor],
     states: list[dict[str, Tensor]],
     config: GroupConfig,
-    lr: float,
+    lr: Scalar,
 ) -> None:
     """SGD with the group's heavy-ball ``momentum`` and coupled ``weight_decay``."""
     apply_parameter_step(
@@ -77,6 +78,17 @@ _FALLBACKS: dict[str, FallbackRule] = {
     Fallback.ADAMW.value: adamw_rule,
     Fallback.SGD.value: sgd_rule,
 }
+
+
+#: The rules that also take ``lr`` as a 0-d tensor (the compiled step's, where a float
+#: would recompile the graph whenever a scheduler changes it).
+_TENSOR_LR_RULES: frozenset[FallbackRule] = frozenset(_FALLBACKS.values())
+
+
+def takes_tensor_lr(rule: FallbackRule) -> bool:
+    """Whether ``rule`` accepts ``lr`` as a 0-d tensor (the built-in rules); a
+    registered rule is given a float, as its signature says."""
+    return rule in _TENSOR_LR_RULES
 
 
 def register_fallback(name: str, rule: FallbackRule) -> None:

@@ -15,7 +15,7 @@ layer is one batch of its own.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,7 +24,8 @@ from torch.autograd.profiler import record_function
 
 from singd.config import GroupConfig
 from singd.functional import kl_clip_factor, parameter_step
-from singd.optim.fallback import find_fallback
+from singd.functional.scalars import Scalar, is_one
+from singd.optim.fallback import find_fallback, takes_tensor_lr
 from singd.optim.guard import StepGuard
 from singd.preconditioners import LayerPreconditioner
 from singd.preconditioners.base import Refreshed
@@ -67,12 +68,16 @@ class StepPhasesMixin:
     state: Any
     #: the compiled :meth:`_device_step` (:meth:`compile`), None: eager
     _compiled_device_step: Callable[..., None] | None = None
+    #: its hyper-parameter tensors by key: (value they hold, tensor) (:meth:`_step_scalars`)
+    _scalar_tensors: dict[Hashable, Any]
     if TYPE_CHECKING:  # (LayerGroupsMixin provides them)
 
         def _config(self, index: int) -> GroupConfig: ...
 
         @property
         def _param_names(self) -> dict[Any, str]: ...
+
+        def _guard_device(self) -> torch.device: ...
 
     def _batches(self, pres: Sequence[LayerPreconditioner]) -> list[list[LayerPreconditioner]]:
         """``pres`` grouped by (param group, class, batch key), in order of appearance;
@@ -91,21 +96,27 @@ class StepPhasesMixin:
     def _device_step(
         self,
         due: list[Layer],
-        lr_covs: dict[int, float],
-        h_c_unscale: float,
-        grad_divisor: float,
+        lrs: Mapping[int, Scalar],
+        lr_covs: Mapping[int, Scalar],
+        h_c_unscale: Scalar,
+        grad_divisor: Scalar,
         guard: StepGuard,
         refreshed: Refreshed,
     ) -> None:
         """The device side of a step, committed: refresh, preconditioning, parameter and
         fallback updates, the guard's verdict and the branch-free commit. No host reads
-        (:meth:`compile` compiles it into one graph)."""
+        (:meth:`compile` compiles it into one graph).
+
+        ``lrs`` (η of every param group), ``lr_covs`` (β₁ of the due groups), the
+        factor ``h_c_unscale`` and ``grad_divisor`` (the gradient scale) are floats
+        eagerly, and 0-d device tensors in the compiled step (:meth:`_step_scalars`).
+        """
         with profiler_range(PROFILER_LABELS["refresh"]):
             self._refresh_layers(due, lr_covs, h_c_unscale, guard, refreshed)
         with profiler_range(PROFILER_LABELS["precondition"]):
             batched, single = self._directions(grad_divisor, guard)
-        targets, values = self._parameter_updates(batched, single, guard)
-        self._guarded_fallback(guard, grad_divisor)
+        targets, values = self._parameter_updates(batched, single, lrs, guard)
+        self._guarded_fallback(guard, grad_divisor, lrs)
         guard.finish()
         guard.commit_(targets, values)
         for new, old in refreshed.replaced:
@@ -120,19 +131,68 @@ class StepPhasesMixin:
 
         The host side (verdicts of earlier steps, the refresh schedule, the gradient
         scale, ``lr_cov`` schedules) stays eager around it, so skipped steps are still
-        reported and taken off ``steps``. Like a compiled ``torch.optim`` optimizer,
-        the graph is specialised on the hyper-parameter values: changing ``lr``, the
-        gradient scale or ``lr_cov`` recompiles (Dynamo's recompile limit then falls
-        back to eager).
+        reported and taken off ``steps``. The hyper-parameters that change between
+        steps (``lr`` of every group, ``lr_cov``, the gradient scale of a
+        ``GradScaler``) enter the graph as 0-d tensors on the parameters' device, as
+        a tensor ``lr`` does in a compiled ``torch.optim`` optimizer, so an LR
+        scheduler, an ``lr_cov`` schedule and a changing gradient scale do not
+        recompile (:meth:`_step_scalars`). Other group settings (``momentum``,
+        ``weight_decay``, ``T``, ...) are constants of the graph: editing one
+        recompiles. A fallback rule registered with
+        :func:`~singd.optim.fallback.register_fallback` gets ``lr`` as a float (its
+        contract), so with one a changing ``lr`` recompiles.
         """
         self._compiled_device_step = torch.compile(self._device_step, fullgraph=True, **options)
+        self._scalar_tensors = {}
+
+    def _step_scalars(
+        self,
+        lrs: Mapping[int, Scalar],
+        lr_covs: Mapping[int, Scalar],
+        h_c_unscale: Scalar,
+        grad_divisor: Scalar,
+    ) -> tuple[dict[int, Scalar], dict[int, Scalar], Scalar, Scalar]:
+        """The hyper-parameters of a compiled step as 0-d tensors on the parameters'
+        device: one cached tensor per value, refilled (``fill_``: one operation, no
+        allocation, no host read) only when the value changed. A gradient scale or
+        ``h_c_unscale`` of exactly 1 (no scaler) stays the number 1, which skips its
+        multiplication (a second graph if a scaler appears later, not one per value).
+        The tensors are float64 where a parameter is, else float32.
+        """
+        cache = self._scalar_tensors
+        device = self._guard_device()
+        dtype = cache.get(("dtype", device))
+        if dtype is None:  # (once per device: not a loop over the parameters per step)
+            wide = device.type != "mps" and any(
+                p.dtype == torch.float64 for group in self.param_groups for p in group["params"]
+            )
+            dtype = cache[("dtype", device)] = torch.float64 if wide else torch.float32
+
+        def tensor(key: Hashable, value: Scalar) -> Scalar:
+            if isinstance(value, Tensor):  # (a tensor lr of the user's: as it is)
+                return value
+            value = float(value)
+            entry = cache.get(key)
+            if entry is None or entry[1].device != device or entry[1].dtype != dtype:
+                entry = cache[key] = (value, torch.tensor(value, dtype=dtype, device=device))
+            elif entry[0] != value:
+                entry[1].fill_(value)
+                cache[key] = (value, entry[1])
+            return entry[1]
+
+        return (
+            {index: tensor(("lr", index), lr) for index, lr in lrs.items()},
+            {index: tensor(("lr_cov", index), lr_cov) for index, lr_cov in lr_covs.items()},
+            h_c_unscale if is_one(h_c_unscale) else tensor("h_c_unscale", h_c_unscale),
+            grad_divisor if is_one(grad_divisor) else tensor("grad_divisor", grad_divisor),
+        )
 
     # --- refresh -----------------------------------------------------------------------
     def _refresh_layers(
         self,
         due: list[Layer],
-        lr_covs: dict[int, float],
-        h_c_unscale: float,
+        lr_covs: Mapping[int, Scalar],
+        h_c_unscale: Scalar,
         guard: StepGuard,
         refreshed: Refreshed,
     ) -> None:
@@ -154,7 +214,7 @@ class StepPhasesMixin:
 
     # --- preconditioning ---------------------------------------------------------------
     def _directions(
-        self, grad_divisor: float, guard: StepGuard
+        self, grad_divisor: Scalar, guard: StepGuard
     ) -> tuple[dict[str, list[Tensor]], dict[str, tuple[Tensor, Tensor]]]:
         """The natural gradients of every layer with a gradient, the gradients checked.
 
@@ -182,7 +242,7 @@ class StepPhasesMixin:
         grads: dict[str, Tensor] = {}
         for pre in alone:
             G = pre.layer.adapter.grad_matrix()
-            grads[pre.name] = G / grad_divisor if grad_divisor != 1.0 else G
+            grads[pre.name] = G if is_one(grad_divisor) else G / grad_divisor
             guard.check_squares(f"layer {pre.name!r}", [grads[pre.name]])
         owned = {
             name: self._preconditioners[name].precondition(G)
@@ -196,13 +256,14 @@ class StepPhasesMixin:
         self,
         batched: dict[str, list[Tensor]],
         single: dict[str, tuple[Tensor, Tensor]],
+        lrs: Mapping[int, Scalar],
         guard: StepGuard,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """New values of the Kronecker layers' parameters and momentum buffers (not
         written yet), checked under each layer's name; returns (targets, new values)."""
         targets: list[Tensor] = []
         values: list[Tensor] = []
-        for index, group in enumerate(self.param_groups):
+        for index in range(len(self.param_groups)):
             config = self._config(index)
             params: list[Tensor] = []
             directions: list[Tensor] = []
@@ -231,7 +292,7 @@ class StepPhasesMixin:
             if not params:
                 continue
             if kl_terms and config.kl_clip is not None:
-                nu = kl_clip_factor(kl_terms, lr=group["lr"], kl_clip=config.kl_clip)
+                nu = kl_clip_factor(kl_terms, lr=lrs[index], kl_clip=config.kl_clip)
                 directions = [d * nu.to(d.dtype) for d in directions]
             buffers = None
             if config.momentum != 0:
@@ -245,7 +306,7 @@ class StepPhasesMixin:
                 params,
                 directions,
                 buffers,
-                lr=group["lr"],
+                lr=lrs[index],
                 momentum=config.momentum,
                 weight_decay=config.weight_decay,
             )
@@ -274,7 +335,9 @@ class StepPhasesMixin:
         return p.requires_grad and (p is layer.weight or p.grad is not None)
 
     # --- fallback ----------------------------------------------------------------------
-    def _guarded_fallback(self, guard: StepGuard, grad_divisor: float) -> None:
+    def _guarded_fallback(
+        self, guard: StepGuard, grad_divisor: Scalar, lrs: Mapping[int, Scalar]
+    ) -> None:
         """The fallback rules (in place) under the guard, per parameter name."""
         for index, group in enumerate(self.param_groups):
             config = self._config(index)
@@ -286,13 +349,15 @@ class StepPhasesMixin:
             params += self._orphans(index)
             if config.fallback is None or not params:
                 continue
-            grads = [p.grad if grad_divisor == 1.0 else p.grad / grad_divisor for p in params]
+            grads = [p.grad if is_one(grad_divisor) else p.grad / grad_divisor for p in params]
             names = [f"parameter {self._param_names.get(p, '?')!r}" for p in params]
             for name, g in zip(names, grads, strict=True):
                 guard.check_squares(name, [g])
             rule = find_fallback(config.fallback)
             states = [self.state[p] for p in params]
-            lr = group["lr"]
+            # (a registered rule gets a float, its contract; the built-in ones a tensor
+            # in the compiled step)
+            lr = lrs[index] if takes_tensor_lr(rule) else group["lr"]
 
             def update(
                 rule: Any = rule,
@@ -300,7 +365,7 @@ class StepPhasesMixin:
                 grads: list[Tensor] = grads,
                 states: list[dict[str, Any]] = states,
                 config: GroupConfig = config,
-                lr: float = lr,
+                lr: Scalar = lr,
             ) -> None:
                 rule(params, grads, states, config, lr)
 

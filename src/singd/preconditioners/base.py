@@ -40,6 +40,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from singd.config import GroupConfig, LayerPlan
+    from singd.functional.scalars import Scalar
     from singd.layers import Layer
 
 
@@ -141,7 +142,7 @@ class LayerPreconditioner(ABC):
 
     # --- state -----------------------------------------------------------------------
     @abstractmethod
-    def refresh(self, lr_cov: float, h_c_unscale: float) -> Callable[[], None]:
+    def refresh(self, lr_cov: Scalar, h_c_unscale: Scalar) -> Callable[[], None]:
         """Update the state from the accumulated statistics (which are consumed).
 
         The new state is held in new tensors (:meth:`state_dict` returns them); the
@@ -163,7 +164,7 @@ class LayerPreconditioner(ABC):
 
     @classmethod
     def refresh_batch(
-        cls, batch: Sequence[LayerPreconditioner], lr_cov: float, h_c_unscale: float
+        cls, batch: Sequence[LayerPreconditioner], lr_cov: Scalar, h_c_unscale: Scalar
     ) -> Refreshed:
         """Refresh every preconditioner of ``batch`` (all with statistics) with the
         live β₁ ``lr_cov``; by default one at a time (:meth:`refresh`).
@@ -200,7 +201,7 @@ class LayerPreconditioner(ABC):
 
     @classmethod
     def precondition_batch(
-        cls, batch: Sequence[LayerPreconditioner], grad_divisor: float
+        cls, batch: Sequence[LayerPreconditioner], grad_divisor: Scalar
     ) -> list[list[Tensor]]:
         """The natural gradient of every layer of ``batch`` (of equal :meth:`batch_key`,
         not None; every parameter with a gradient), split like ``layer.params``, as new

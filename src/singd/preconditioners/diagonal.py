@@ -26,6 +26,7 @@ from torch import Tensor
 
 from singd.functional import FactorState
 from singd.functional.batched import DiagonalFactors, DiagonalGroup
+from singd.functional.scalars import Scalar, is_one
 from singd.preconditioners.base import Refreshed
 from singd.preconditioners.joint import FACTOR_NAMES, JointStateBatch
 from singd.structures import Diagonal, DiagonalMatrix
@@ -110,7 +111,7 @@ class DiagonalBatch(JointStateBatch):
         self.squares_of = flat
 
     # --- refresh and preconditioning ------------------------------------------------
-    def refresh(self, lr_cov: float, h_c_unscale: float) -> Refreshed:
+    def refresh(self, lr_cov: Scalar, h_c_unscale: Scalar) -> Refreshed:
         """Refresh every layer from its raw statistics (``pre.raw_statistics``)."""
         pres = self.pres
         old = self.current()
@@ -144,7 +145,7 @@ class DiagonalBatch(JointStateBatch):
             after_commit=[lambda: self._fill_squares(new)],
         )
 
-    def precondition(self, grad_divisor: float) -> list[list[Tensor]]:
+    def precondition(self, grad_divisor: Scalar) -> list[list[Tensor]]:
         r""":math:`(c^2 \otimes k^2) \odot \nabla W` of every layer (weight, bias)."""
         flat = self.current()
         if self.squares_of is not flat:
@@ -152,7 +153,7 @@ class DiagonalBatch(JointStateBatch):
         weights = [pre.layer.params[0].grad for pre in self.pres]
         biases = [pre.layer.params[1].grad for pre in self.pres if len(pre.layer.params) == 2]
         grads: list[Tensor] = [g for g in weights + biases if g is not None]
-        if grad_divisor != 1.0:
+        if not is_one(grad_divisor):
             grads = list(torch._foreach_div(grads, grad_divisor))
         scaled = self.group.precondition(grads)
         biased = iter(scaled[len(self.pres) :])

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from singd.functional import FactorState
+from singd.functional.scalars import Scalar
 from singd.preconditioners.base import Refreshed
 
 if TYPE_CHECKING:
@@ -62,11 +63,11 @@ class JointStateBatch(ABC):
         return True
 
     @abstractmethod
-    def refresh(self, lr_cov: float, h_c_unscale: float) -> Refreshed:
+    def refresh(self, lr_cov: Scalar, h_c_unscale: Scalar) -> Refreshed:
         """Refresh every layer from its statistics (consumed), into new joint tensors."""
 
     @abstractmethod
-    def precondition(self, grad_divisor: float) -> list[list[Tensor]]:
+    def precondition(self, grad_divisor: Scalar) -> list[list[Tensor]]:
         """The natural gradient of every layer (all parameters with gradients), split
         like ``layer.params``, the gradients divided by ``grad_divisor`` first."""
 

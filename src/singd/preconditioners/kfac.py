@@ -17,6 +17,7 @@ from torch import Tensor
 from singd.config import dtype_name
 from singd.functional import kfac_natural_gradient
 from singd.functional.kfac import damped_inverse, ema_update
+from singd.functional.scalars import Scalar
 from singd.layers import grad_output_matrix, input_matrix
 from singd.preconditioners.base import LayerPreconditioner
 
@@ -87,7 +88,7 @@ class KFACPreconditioner(LayerPreconditioner):
         self.U = self.G = None
 
     # --- state -----------------------------------------------------------------------
-    def refresh(self, lr_cov: float, h_c_unscale: float) -> Callable[[], None]:
+    def refresh(self, lr_cov: Scalar, h_c_unscale: Scalar) -> Callable[[], None]:
         assert self.U is not None and self.G is not None
         state = self.layer_state()
         old = dict(state)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from singd.config import dtype_name
 from singd.functional import FactorHyperparams, FactorState, natural_gradient, update_factors
+from singd.functional.scalars import Scalar
 from singd.functional.statistics import (
     input_curvature,
     input_statistic,
@@ -138,7 +139,7 @@ class SINGDPreconditioner(LayerPreconditioner):
         self.H_K = self.H_C = None
 
     # --- state -----------------------------------------------------------------------
-    def hyperparams(self, lr_cov: float) -> FactorHyperparams:
+    def hyperparams(self, lr_cov: Scalar) -> FactorHyperparams:
         """The factor update's hyper-parameters with the live β₁."""
         config = self.config
         return FactorHyperparams(
@@ -149,7 +150,7 @@ class SINGDPreconditioner(LayerPreconditioner):
             normalize_lr_cov=config.normalize_lr_cov,
         )
 
-    def refresh(self, lr_cov: float, h_c_unscale: float) -> Callable[[], None]:
+    def refresh(self, lr_cov: Scalar, h_c_unscale: Scalar) -> Callable[[], None]:
         H_K, H_C = self.H_K, self.H_C
         assert H_K is not None and H_C is not None
         self.H_K = self.H_C = None
@@ -232,7 +233,7 @@ class SINGDPreconditioner(LayerPreconditioner):
 
     @classmethod
     def refresh_batch(
-        cls, batch: Sequence[LayerPreconditioner], lr_cov: float, h_c_unscale: float
+        cls, batch: Sequence[LayerPreconditioner], lr_cov: Scalar, h_c_unscale: Scalar
     ) -> Refreshed:
         pres = [pre for pre in batch if isinstance(pre, SINGDPreconditioner)]
         if len(batch) == 1 or len(pres) != len(batch):
@@ -246,7 +247,7 @@ class SINGDPreconditioner(LayerPreconditioner):
 
     @classmethod
     def precondition_batch(
-        cls, batch: Sequence[LayerPreconditioner], grad_divisor: float
+        cls, batch: Sequence[LayerPreconditioner], grad_divisor: Scalar
     ) -> list[list[Tensor]]:
         return cls._batch(batch).precondition(grad_divisor)
 

@@ -34,6 +34,7 @@ from singd.functional import (
     natural_gradient,
     update_factors,
 )
+from singd.functional.scalars import Scalar, is_one
 from singd.preconditioners.base import Refreshed
 from singd.preconditioners.joint import FACTOR_NAMES, JointStateBatch
 from singd.structures import Structure, StructuredMatrix
@@ -121,7 +122,7 @@ class StackedBatch(JointStateBatch):
         self.stack = stack
 
     # --- refresh and preconditioning ------------------------------------------------
-    def refresh(self, lr_cov: float, h_c_unscale: float) -> Refreshed:
+    def refresh(self, lr_cov: Scalar, h_c_unscale: Scalar) -> Refreshed:
         """Refresh every layer from its accumulated :math:`H_K`, :math:`H_C`."""
         pres = self.pres
         old = self.current()
@@ -157,7 +158,7 @@ class StackedBatch(JointStateBatch):
         return Refreshed(checks=checks, replaced=[(flat(new), flat(old))], undo=[undo])
 
     def _update(
-        self, hp: FactorHyperparams, h_c_unscale: float
+        self, hp: FactorHyperparams, h_c_unscale: Scalar
     ) -> Callable[[StateTensors, StateTensors], StateTensors]:
         """One layer's factor update on its tensors (what :func:`torch.vmap` batches)."""
 
@@ -172,7 +173,7 @@ class StackedBatch(JointStateBatch):
 
         return update
 
-    def precondition(self, grad_divisor: float) -> list[list[Tensor]]:
+    def precondition(self, grad_divisor: Scalar) -> list[list[Tensor]]:
         r""":math:`C C^\top [\nabla W | \nabla b] K K^\top` of every layer, split like
         its parameters (weight, bias)."""
         stack = self.current()
@@ -181,7 +182,7 @@ class StackedBatch(JointStateBatch):
         if self.has_bias:
             biases = torch.stack([pre.layer.params[1].grad for pre in self.pres])  # type: ignore[misc]
             G = torch.cat([G, biases.unsqueeze(2).to(G.dtype)], dim=2)
-        if grad_divisor != 1.0:
+        if not is_one(grad_divisor):
             G = G.div_(grad_divisor)  # (a new tensor: the stack or the concatenation)
 
         def one(K: dict[str, Tensor], C: dict[str, Tensor], G: Tensor) -> Tensor:
