@@ -53,21 +53,25 @@ OPTIMIZERS = list(CASES)
 
 
 class Net(nn.Module):
-    """Conv → per-pixel tokens → LayerNorm (fallback: AdamW) → Linear head per token.
+    """Conv → per-pixel tokens → LayerNorm (fallback: AdamW) → two equal Linear with tanh
+    → Linear head per token.
 
-    The 16 output pixels are the shared positions of both Kronecker layers, so
-    ``"batch+sequence"`` differs from ``"batch"``.
+    The 16 output pixels are the shared positions of the Kronecker layers, so
+    ``"batch+sequence"`` differs from ``"batch"``. The two equal layers are refreshed and
+    preconditioned as one stack (:mod:`singd.preconditioners.stacked`) where every rank
+    holds the factors.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 4, 3, padding=1)
         self.norm = nn.LayerNorm(4)
+        self.mix = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh())
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)  # [B, 16, 4]
-        return self.head(self.norm(tokens))
+        return self.head(self.mix(self.norm(tokens)))
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,9 +466,10 @@ def test_one_collective_per_kind_and_factors_only_on_their_owner(results: Path) 
     assert counts[0]["unwrapped"] == {"all_reduce": 1, "reduce_scatter": 0, "all_gather": 0}
     # sharded: gradients all-reduced; statistics reduce-scattered; updates all-gathered
     assert counts[0]["sharded"] == {"all_reduce": 1, "reduce_scatter": 1, "all_gather": 1}
-    assert counts[0]["unwrapped-factors"] == ["conv", "head"]
+    layers = ["conv", "head", "mix.0", "mix.2"]
+    assert counts[0]["unwrapped-factors"] == layers
     owned = [c["sharded-factors"] for c in counts]
-    assert sorted(owned[0] + owned[1]) == ["conv", "head"] and len(owned[0]) == 1
+    assert sorted(owned[0] + owned[1]) == layers and all(owned)  # (each owns some)
 
 
 def without_key_bias(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
