@@ -415,6 +415,7 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
         problem="conv_strided",
     ),
     OptimizerCase("kfac-mlp-expand-T1", KFAC, {}, ORACLE, problem="mlp"),
+    OptimizerCase("kfac-mlp_repeated-T2", KFAC, {"T": 2}, ORACLE, problem="mlp_repeated"),
     OptimizerCase(
         "kfac-seq-reduce-T2-sum",
         KFAC,

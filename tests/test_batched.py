@@ -14,16 +14,18 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from singd import SINGD
+from singd import KFAC, SINGD
 from singd.functional import FactorHyperparams, FactorState, natural_gradient, update_factors
 from singd.functional.batched import DiagonalFactors, DiagonalGroup
-from singd.preconditioners import SINGDPreconditioner
+from singd.preconditioners import KFACPreconditioner, SINGDPreconditioner
 from singd.preconditioners.diagonal import DiagonalBatch
+from singd.preconditioners.kfac import KFACStack
 from singd.preconditioners.stacked import StackedBatch
 from singd.structures import Diagonal, DiagonalMatrix
 from tests.tolerances import assert_close
@@ -179,26 +181,33 @@ def _batches(steps: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor
 
 
 def _run(
-    kwargs: dict,
+    kwargs: dict[str, Any],
     *,
     batched: bool,
     monkeypatch: pytest.MonkeyPatch,
-    structures: tuple[str, str] = ("diagonal", "diagonal"),
+    structures: tuple[str, str] | None = ("diagonal", "diagonal"),
     steps: int = 5,
     micro_batches: int = 1,
     scaler_scale: float | None = None,
     reload_at: int | None = None,
-) -> tuple[nn.Module, SINGD]:
+) -> tuple[nn.Module, Any]:
     with monkeypatch.context() as patch:
         if not batched:
             patch.setattr(SINGDPreconditioner, "batch_key", lambda self: None)
+            patch.setattr(KFACPreconditioner, "batch_key", lambda self: None)
         model = _model()
         options = {"lr": 5e-2, "lr_cov": 5e-2, "damping": 1e-3, "weight_decay": 1e-2, **kwargs}
-        optim = SINGD(model, structures=structures, **options)
+
+        def make(**extra: object) -> torch.optim.Optimizer:
+            if structures is None:  # KFAC, inverses in float64 (float32 by default)
+                return KFAC(model, inverse_dtype=torch.float64, **options, **extra)  # type: ignore[arg-type]
+            return SINGD(model, structures=structures, **options, **extra)  # type: ignore[arg-type]
+
+        optim = make()
         scaler = None
         if scaler_scale is not None:
             scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale, growth_interval=2)
-            optim = SINGD(model, structures=structures, grad_scaler=scaler, **options)
+            optim = make(grad_scaler=scaler)
         loss_func = nn.CrossEntropyLoss()
         for step, (X, y) in enumerate(_batches(steps)):
             if reload_at is not None and step == 1:
@@ -217,17 +226,18 @@ def _run(
             else:
                 optim.step()
         if batched:  # the batched path did run
-            kind = DiagonalBatch if structures == ("diagonal", "diagonal") else StackedBatch
+            kind = {None: KFACStack, ("diagonal", "diagonal"): DiagonalBatch}.get(
+                structures, StackedBatch
+            )
             assert any(
                 isinstance(batch, kind)
-                for pre in optim.preconditioners.values()
-                if isinstance(pre, SINGDPreconditioner)
+                for pre in optim.preconditioners.values()  # type: ignore[attr-defined]
                 for batch in pre.batches.values()
             )
     return model, optim
 
 
-def _assert_same(a: tuple[nn.Module, SINGD], b: tuple[nn.Module, SINGD]) -> None:
+def _assert_same(a: tuple[nn.Module, Any], b: tuple[nn.Module, Any]) -> None:
     for (name, p), q in zip(a[0].named_parameters(), b[0].parameters(), strict=True):
         assert_close(p, q, msg=f"parameter {name}")
         buffers = a[1].state[p].get("momentum_buffer"), b[1].state[q].get("momentum_buffer")
@@ -381,3 +391,14 @@ def test_equal_layers_hold_rows_of_the_stack_and_a_non_finite_step_changes_nothi
     loss_func(model(X), y).backward()
     optim.step()
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), params, strict=True))
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_kfac_stacked_equals_one_layer_at_a_time(T: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    options: dict[str, Any] = dict(structures=None, micro_batches=2, scaler_scale=2.0**10)
+    if T == 2:  # a checkpoint replaces the layers' tensors: the stack is built anew
+        options = dict(structures=None, reload_at=3)
+    _assert_same(
+        _run({"T": T}, batched=True, monkeypatch=monkeypatch, **options),
+        _run({"T": T}, batched=False, monkeypatch=monkeypatch, **options),
+    )

@@ -121,6 +121,7 @@ def test_training_step_within_the_targets_and_step_reads_nothing_back(
         OptimizerSpec("singd", "hierarchical(15, 15)"),
         OptimizerSpec("singd", "tril_toeplitz"),
         OptimizerSpec("singd", "triu_top_left(1)"),
+        OptimizerSpec("kfac"),  # stacked (KFACStack)
     ],
     ids=lambda spec: spec.label,
 )

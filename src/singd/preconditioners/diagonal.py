@@ -45,7 +45,7 @@ def _diag_of(factor: object) -> Tensor | None:
     return factor.diag if isinstance(factor, DiagonalMatrix) else None
 
 
-class DiagonalBatch(JointStateBatch):
+class DiagonalBatch(JointStateBatch["SINGDPreconditioner"]):
     """The concatenated state of one batch of diagonal SINGD layers (module docstring).
 
     Args:
@@ -67,9 +67,10 @@ class DiagonalBatch(JointStateBatch):
         self.squares_of: DiagonalFactors | None = None  # whose k², c² group.k2/c2 hold
 
     # --- the concatenated state -----------------------------------------------------
-    @staticmethod
-    def layer_tensors(state: FactorState) -> list[Tensor | None]:
-        return [_diag_of(getattr(state, name)) for name in FACTOR_NAMES]
+    def layer_tensors(self, pre: SINGDPreconditioner) -> list[Tensor | None] | None:
+        if pre.state is None:
+            return None
+        return [_diag_of(getattr(pre.state, name)) for name in FACTOR_NAMES]
 
     def current(self) -> DiagonalFactors:
         """The concatenated committed state (concatenated afresh if a layer's changed)."""

@@ -1,7 +1,8 @@
 r"""Batches of SINGD layers whose state tensors are *views* of joint tensors.
 
-A batch (:mod:`singd.preconditioners.diagonal`, :mod:`singd.preconditioners.stacked`)
-keeps the K, C, m_K, m_C of its layers in a few joint tensors (concatenated or
+A batch (:mod:`singd.preconditioners.diagonal`, :mod:`singd.preconditioners.stacked`,
+KFAC's :class:`~singd.preconditioners.kfac.KFACStack`) keeps the state of its layers
+(SINGD's K, C, m_K, m_C; KFAC's S and P) in a few joint tensors (concatenated or
 stacked) and gives every layer views of them, so a refresh reads all layers' state
 without copying and writes a few new joint tensors. Whether a layer's state still
 consists of those views is checked by identity (``is``): a checkpoint load, a refresh
@@ -15,49 +16,48 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Generic, TypeVar
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from singd.functional import FactorState
 from singd.functional.scalars import Scalar
-from singd.preconditioners.base import Refreshed
+from singd.layers import LayerAdapter
+from singd.preconditioners.base import LayerPreconditioner, Refreshed
 
-if TYPE_CHECKING:
-    from singd.preconditioners.singd import SINGDPreconditioner
-
-#: The factors of a layer's state, in the order the batches join them.
+#: The factors of a SINGD layer's state, in the order the batches join them.
 FACTOR_NAMES = ("K", "C", "m_K", "m_C")
 
+Pre = TypeVar("Pre", bound=LayerPreconditioner)
 
-class JointStateBatch(ABC):
+
+class JointStateBatch(ABC, Generic[Pre]):
     """The preconditioners of one batch and the views of the joint state they hold.
 
     Args:
         pres: The batch's preconditioners, in the optimizer's layer order.
     """
 
-    def __init__(self, pres: Sequence[SINGDPreconditioner]) -> None:
+    def __init__(self, pres: Sequence[Pre]) -> None:
         self.pres = list(pres)
         #: per layer, the views of the joint tensors its state was given (``install``)
         self.views: list[list[Tensor | None]] = []
 
-    @staticmethod
     @abstractmethod
-    def layer_tensors(state: FactorState) -> list[Tensor | None]:
+    def layer_tensors(self, pre: Pre) -> list[Tensor | None] | None:
         """The tensors of a layer's state that are views of the joint ones, in the
-        order of :attr:`views`."""
+        order of :attr:`views` (None: the layer has no state yet)."""
 
     def synced(self) -> bool:
         """Whether every layer's state still consists of the views it was given."""
         if len(self.views) != len(self.pres):
             return False
         for pre, views in zip(self.pres, self.views, strict=True):
-            if pre.state is None:
-                return False
-            current = self.layer_tensors(pre.state)
-            if len(current) != len(views) or any(
-                a is not b for a, b in zip(current, views, strict=True)
+            current = self.layer_tensors(pre)
+            if (
+                current is None
+                or len(current) != len(views)
+                or any(a is not b for a, b in zip(current, views, strict=True))
             ):
                 return False
         return True
@@ -74,3 +74,62 @@ class JointStateBatch(ABC):
     def forget(self) -> None:
         """Join the layers' state afresh at the next use (a refresh was undone)."""
         self.views = []
+
+
+def stacked_gradients(pres: Sequence[LayerPreconditioner], grad_divisor: float) -> Tensor:
+    r"""The gradient matrices :math:`[\nabla W | \nabla b]` ``[L, d_C, d_K]`` of layers of
+    equal weight shape and bias (every parameter with a gradient; the default
+    ``LayerAdapter.grad_matrix`` layout), divided by ``grad_divisor``, in a few
+    operations for any number of layers."""
+    weights = torch.stack([pre.layer.params[0].grad for pre in pres])  # type: ignore[misc]
+    G = weights.flatten(2)
+    if len(pres[0].layer.params) == 2:
+        biases = torch.stack([pre.layer.params[1].grad for pre in pres])  # type: ignore[misc]
+        G = torch.cat([G, biases.unsqueeze(2).to(G.dtype)], dim=2)
+    if grad_divisor != 1.0:
+        G = G.div_(grad_divisor)  # (a new tensor: the stack or the concatenation)
+    return G
+
+
+def split_directions(N: Tensor, pres: Sequence[LayerPreconditioner]) -> list[list[Tensor]]:
+    """``[L, d_C, d_K]`` directions back to each layer's ``[weight, bias]`` shapes (views;
+    the inverse of :func:`stacked_gradients`)."""
+    layer = pres[0].layer
+    has_bias = len(layer.params) == 2
+    d_in = N.shape[2] - int(has_bias)
+    weights = N[:, :, :d_in].unflatten(2, layer.weight.shape[1:]).unbind(0)
+    if not has_bias:
+        return [[w] for w in weights]
+    biases = N[:, :, d_in].unbind(0)
+    return [[w, b] for w, b in zip(weights, biases, strict=True)]
+
+
+def stackable(pre: LayerPreconditioner, kl_clip: float | None) -> bool:
+    """Whether ``pre``'s layer can join a batch: its gradient matrix is its weight
+    flattened beside its bias (Linear, Conv: :func:`stacked_gradients`), its factors are
+    on this rank (not the sharded mode's factor-free statistics), no KL clipping (which
+    needs each layer's gradient–update product), and a plain tensor weight (DTensors and
+    other subclasses: one at a time)."""
+    adapter, weight = type(pre.layer.adapter), pre.layer.weight
+    return not (
+        pre.factor_free_statistics
+        or kl_clip is not None
+        or adapter.grad_matrix is not LayerAdapter.grad_matrix
+        or adapter.split_matrix is not LayerAdapter.split_matrix
+        or weight.shape[0] != pre.plan.d_C
+        or type(weight) not in (Tensor, nn.Parameter)
+    )
+
+
+def cached_batch(
+    pres: Sequence[Pre], kind: type[JointStateBatch[Pre]], cache: dict[tuple[str, ...], Any]
+) -> JointStateBatch[Pre]:
+    """The ``kind`` batch of ``pres``, kept in ``cache`` (the first layer's) by layer names,
+    so its joint state lives across steps."""
+    names = tuple(pre.name for pre in pres)
+    cached = cache.get(names)
+    if cached is None or type(cached) is not kind:
+        if len(cache) >= 8:  # (layer sets that vary from step to step)
+            cache.clear()
+        cached = cache[names] = kind(pres)
+    return cached

@@ -3,13 +3,17 @@ r"""KFAC's per-layer preconditioner: statistics S_K, S_C, inverses P_K, P_C, acc
 :math:`S \leftarrow (1-\beta_1) S + \beta_1 U` (start :math:`S = I`) and
 :math:`P = (S + \lambda I)^{-1}` in ``inverse_dtype`` at every refresh; the
 preconditioning is :math:`P_C \nabla W P_K` (:func:`singd.functional.kfac_natural_gradient`).
+
+Layers of equal sizes and options (repeated blocks) are refreshed and preconditioned as
+one stack (:class:`KFACStack`: :func:`refreshed_state` and the preconditioning run once
+over ``[L, d, d]`` stacks under :func:`torch.vmap`, :mod:`singd.preconditioners.joint`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -19,13 +23,42 @@ from singd.functional import kfac_natural_gradient
 from singd.functional.kfac import damped_inverse, ema_update
 from singd.functional.scalars import Scalar
 from singd.layers import grad_output_matrix, input_matrix
-from singd.preconditioners.base import LayerPreconditioner
+from singd.preconditioners.base import LayerPreconditioner, Refreshed
+from singd.preconditioners.joint import (
+    JointStateBatch,
+    cached_batch,
+    split_directions,
+    stackable,
+    stacked_gradients,
+)
 
 if TYPE_CHECKING:
     from singd.config import KFACConfig, LayerPlan
     from singd.layers import Layer
 
 STATE_NAMES = ("S_K", "S_C", "P_K", "P_C")
+
+
+def refreshed_state(
+    state: Mapping[str, Tensor],
+    U: Tensor,
+    G: Tensor,
+    *,
+    lr_cov: float,
+    h_c_unscale: float,
+    damping: float,
+    inverse_dtype: torch.dtype,
+) -> dict[str, Tensor]:
+    """The new S_K, S_C, P_K, P_C of a layer from its statistics U and G (G still carrying
+    the gradient scale, removed by ``h_c_unscale``); pure (the inputs are not changed)."""
+    S_K = ema_update(state["S_K"], U, lr_cov)
+    S_C = ema_update(state["S_C"], G * h_c_unscale, lr_cov)
+    return {
+        "S_K": S_K,
+        "S_C": S_C,
+        "P_K": damped_inverse(S_K, damping, inverse_dtype),
+        "P_C": damped_inverse(S_C, damping, inverse_dtype),
+    }
 
 
 class KFACPreconditioner(LayerPreconditioner):
@@ -47,6 +80,8 @@ class KFACPreconditioner(LayerPreconditioner):
         self.state: dict[str, Tensor] | None = None
         self.U: Tensor | None = None
         self.G: Tensor | None = None
+        #: the stacks this preconditioner leads (it is their first layer), by layer names
+        self.batches: dict[tuple[str, ...], Any] = {}
 
     def layer_state(self) -> dict[str, Tensor]:
         """S_K, S_C (statistics, start at I) and P_K, P_C (damped inverses)."""
@@ -90,15 +125,19 @@ class KFACPreconditioner(LayerPreconditioner):
     # --- state -----------------------------------------------------------------------
     def refresh(self, lr_cov: Scalar, h_c_unscale: Scalar) -> Callable[[], None]:
         assert self.U is not None and self.G is not None
-        state = self.layer_state()
-        old = dict(state)
+        old = self.layer_state()
         config = self.config
-        U, G = self.U, self.G * h_c_unscale
+        U, G = self.U, self.G
         self.U = self.G = None
-        state["S_K"] = ema_update(state["S_K"], U, lr_cov)
-        state["S_C"] = ema_update(state["S_C"], G, lr_cov)
-        state["P_K"] = damped_inverse(state["S_K"], config.damping, config.inverse_dtype)
-        state["P_C"] = damped_inverse(state["S_C"], config.damping, config.inverse_dtype)
+        self.state = refreshed_state(
+            old,
+            U,
+            G,
+            lr_cov=lr_cov,
+            h_c_unscale=h_c_unscale,
+            damping=config.damping,
+            inverse_dtype=config.inverse_dtype,
+        )
 
         def undo() -> None:
             self.state = old
@@ -108,6 +147,40 @@ class KFACPreconditioner(LayerPreconditioner):
     def precondition(self, G: Tensor) -> Tensor:
         state = self.layer_state()
         return kfac_natural_gradient(state["P_K"], state["P_C"], G)
+
+    # --- batches (singd.preconditioners.joint) -------------------------------------------
+    def batch_key(self) -> tuple[Hashable, ...] | None:
+        """Layers of equal weight shape, bias, dtypes and options form one stack."""
+        config, weight = self.config, self.layer.weight
+        if not stackable(self, config.kl_clip):
+            return None
+        return (
+            tuple(weight.shape),
+            len(self.layer.params),
+            weight.dtype,
+            self.dtype_K,
+            config.damping,
+            config.inverse_dtype,
+            weight.device,
+        )
+
+    @classmethod
+    def refresh_batch(
+        cls, batch: Sequence[LayerPreconditioner], lr_cov: float, h_c_unscale: float
+    ) -> Refreshed:
+        pres = [pre for pre in batch if isinstance(pre, KFACPreconditioner)]
+        if len(batch) == 1 or len(pres) != len(batch):
+            return super().refresh_batch(batch, lr_cov, h_c_unscale)
+        stack = cached_batch(pres, KFACStack, pres[0].batches)
+        return stack.refresh(lr_cov, h_c_unscale)
+
+    @classmethod
+    def precondition_batch(
+        cls, batch: Sequence[LayerPreconditioner], grad_divisor: float
+    ) -> list[list[Tensor]]:
+        pres = [pre for pre in batch if isinstance(pre, KFACPreconditioner)]
+        assert len(pres) == len(batch)
+        return cached_batch(pres, KFACStack, pres[0].batches).precondition(grad_divisor)
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.state or {})
@@ -129,3 +202,81 @@ class KFACPreconditioner(LayerPreconditioner):
         plan, dtype = self.plan, self.dtype_K
         text = f"S_K, P_K: dense {plan.d_K}, S_C, P_C: dense {plan.d_C} {dtype_name(dtype)}"
         return text, 2 * (plan.d_K**2 + plan.d_C**2) * dtype.itemsize
+
+
+class KFACStack(JointStateBatch[KFACPreconditioner]):
+    """KFAC layers of equal ``batch_key``: S_K, S_C, P_K, P_C as ``[L, d, d]`` stacks whose
+    rows the layers hold (module docstring)."""
+
+    def __init__(self, pres: Sequence[KFACPreconditioner]) -> None:
+        super().__init__(pres)
+        self.stack: dict[str, Tensor] | None = None
+
+    def layer_tensors(self, pre: KFACPreconditioner) -> list[Tensor | None] | None:
+        return None if pre.state is None else [pre.state.get(k) for k in STATE_NAMES]
+
+    def current(self) -> dict[str, Tensor]:
+        """The stacked committed state (stacked afresh if a layer's tensors changed)."""
+        if self.stack is not None and self.synced():
+            return self.stack
+        states = [pre.layer_state() for pre in self.pres]
+        stack = {k: torch.stack([s[k] for s in states]) for k in STATE_NAMES}
+        self.install(stack)
+        return stack
+
+    def install(self, stack: dict[str, Tensor]) -> None:
+        """Give every layer the rows of ``stack`` as its state."""
+        rows = {k: t.unbind(0) for k, t in stack.items()}
+        self.views = []
+        for i, pre in enumerate(self.pres):
+            state = {k: rows[k][i] for k in STATE_NAMES}
+            pre.state = state
+            self.views.append(list(state.values()))
+        self.stack = stack
+
+    def refresh(self, lr_cov: float, h_c_unscale: float) -> Refreshed:
+        """Refresh every layer from its accumulated U, G (consumed)."""
+        pres = self.pres
+        old = self.current()
+        before = [pre.state for pre in pres]
+        statistics = [pre.statistics_snapshot() for pre in pres]
+        U = torch.stack([pre.U for pre in pres])  # type: ignore[misc]
+        G = torch.stack([pre.G for pre in pres])  # type: ignore[misc]
+        for pre in pres:
+            pre.drop_statistics()
+        config = pres[0].config
+
+        def one(state: dict[str, Tensor], U: Tensor, G: Tensor) -> dict[str, Tensor]:
+            return refreshed_state(
+                state,
+                U,
+                G,
+                lr_cov=lr_cov,
+                h_c_unscale=h_c_unscale,
+                damping=config.damping,
+                inverse_dtype=config.inverse_dtype,
+            )
+
+        new = torch.vmap(one)(old, U, G)
+        self.install(new)
+
+        def undo() -> None:
+            for pre, state, stats in zip(pres, before, statistics, strict=True):
+                pre.state = state
+                pre.restore_statistics(stats)
+            self.stack = None
+            self.forget()
+
+        checks = [
+            (pre.name, [t for t in views if t is not None])
+            for pre, views in zip(pres, self.views, strict=True)
+        ]
+        replaced = [([new[k] for k in STATE_NAMES], [old[k] for k in STATE_NAMES])]
+        return Refreshed(checks=checks, replaced=replaced, undo=[undo])
+
+    def precondition(self, grad_divisor: float) -> list[list[Tensor]]:
+        r""":math:`P_C [\nabla W | \nabla b] P_K` of every layer, split like its parameters."""
+        stack = self.current()
+        G = stacked_gradients(self.pres, grad_divisor)
+        N = torch.vmap(kfac_natural_gradient)(stack["P_K"], stack["P_C"], G)
+        return split_directions(N, self.pres)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from singd.config import dtype_name
 from singd.functional import FactorHyperparams, FactorState, natural_gradient, update_factors
@@ -31,10 +31,9 @@ from singd.functional.statistics import (
     output_statistic,
     sandwich,
 )
-from singd.layers import LayerAdapter
 from singd.preconditioners.base import LayerPreconditioner, Refreshed
 from singd.preconditioners.diagonal import DiagonalBatch
-from singd.preconditioners.joint import FACTOR_NAMES, JointStateBatch
+from singd.preconditioners.joint import FACTOR_NAMES, JointStateBatch, cached_batch, stackable
 from singd.preconditioners.stacked import StackedBatch
 from singd.structures import Diagonal, StructuredMatrix
 
@@ -177,16 +176,8 @@ class SINGDPreconditioner(LayerPreconditioner):
         of equal structures, sizes and dtypes (``"stacked"``); with equal
         hyper-parameters and device. None: refreshed and preconditioned alone."""
         plan, config, layer = self.plan, self.config, self.layer
-        adapter = type(layer.adapter)
         weight = layer.weight
-        if (
-            self.factor_free_statistics
-            or config.kl_clip is not None
-            or adapter.grad_matrix is not LayerAdapter.grad_matrix
-            or adapter.split_matrix is not LayerAdapter.split_matrix
-            or weight.shape[0] != plan.d_C
-            or type(weight) not in (Tensor, nn.Parameter)  # (DTensors etc.: one at a time)
-        ):
+        if not stackable(self, config.kl_clip):
             return None
         state = self.state
         if state is not None and (state.m_K is not None) != (config.alpha1 != 0):
@@ -222,14 +213,7 @@ class SINGDPreconditioner(LayerPreconditioner):
         assert len(pres) == len(batch)
         key = pres[0].batch_key()
         assert key is not None
-        kind = _BATCH_KINDS[str(key[0])]
-        names = tuple(pre.name for pre in pres)
-        cached = pres[0].batches.get(names)
-        if cached is None or type(cached) is not kind:
-            if len(pres[0].batches) >= 8:  # (layer sets that vary from step to step)
-                pres[0].batches.clear()
-            cached = pres[0].batches[names] = kind(pres)
-        return cached
+        return cached_batch(pres, _BATCH_KINDS[str(key[0])], pres[0].batches)
 
     @classmethod
     def refresh_batch(

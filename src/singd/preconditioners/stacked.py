@@ -36,7 +36,12 @@ from singd.functional import (
 )
 from singd.functional.scalars import Scalar, is_one
 from singd.preconditioners.base import Refreshed
-from singd.preconditioners.joint import FACTOR_NAMES, JointStateBatch
+from singd.preconditioners.joint import (
+    FACTOR_NAMES,
+    JointStateBatch,
+    split_directions,
+    stacked_gradients,
+)
 from singd.structures import Structure, StructuredMatrix
 
 if TYPE_CHECKING:
@@ -52,7 +57,7 @@ def _matrix(structure: Structure, dim: int, tensors: dict[str, Tensor]) -> Struc
     return structure.matrix_cls(structure, dim, dict(tensors))
 
 
-class StackedBatch(JointStateBatch):
+class StackedBatch(JointStateBatch["SINGDPreconditioner"]):
     """The stacked state of one batch of equal SINGD layers (module docstring).
 
     Args:
@@ -65,9 +70,6 @@ class StackedBatch(JointStateBatch):
         self.structures = {"K": plan.structure_K, "C": plan.structure_C}
         self.dims = {"K": plan.d_K, "C": plan.d_C}
         self.stack: StateTensors | None = None  # whose rows the layers' states hold
-        weight = self.pres[0].layer.weight
-        self.weight_shape = weight.shape
-        self.has_bias = len(self.pres[0].layer.params) == 2
 
     def _side(self, factor_name: str) -> str:
         return factor_name[-1]  # m_K → K
@@ -83,8 +85,11 @@ class StackedBatch(JointStateBatch):
         )
 
     # --- the stacked state -------------------------------------------------------------
+    def layer_tensors(self, pre: SINGDPreconditioner) -> list[Tensor | None] | None:
+        return None if pre.state is None else self._tensors_of(pre.state)
+
     @staticmethod
-    def layer_tensors(state: FactorState) -> list[Tensor | None]:
+    def _tensors_of(state: FactorState) -> list[Tensor | None]:
         out: list[Tensor | None] = []
         for name in FACTOR_NAMES:
             factor = getattr(state, name)
@@ -118,7 +123,7 @@ class StackedBatch(JointStateBatch):
         for i, pre in enumerate(self.pres):
             layer = {name: {key: r[i] for key, r in keyed.items()} for name, keyed in rows.items()}
             pre.state = self._state(layer)
-            self.views.append(self.layer_tensors(pre.state))
+            self.views.append(self._tensors_of(pre.state))
         self.stack = stack
 
     # --- refresh and preconditioning ------------------------------------------------
@@ -177,23 +182,11 @@ class StackedBatch(JointStateBatch):
         r""":math:`C C^\top [\nabla W | \nabla b] K K^\top` of every layer, split like
         its parameters (weight, bias)."""
         stack = self.current()
-        weights = torch.stack([pre.layer.params[0].grad for pre in self.pres])  # type: ignore[misc]
-        G = weights.flatten(2)
-        if self.has_bias:
-            biases = torch.stack([pre.layer.params[1].grad for pre in self.pres])  # type: ignore[misc]
-            G = torch.cat([G, biases.unsqueeze(2).to(G.dtype)], dim=2)
-        if not is_one(grad_divisor):
-            G = G.div_(grad_divisor)  # (a new tensor: the stack or the concatenation)
+        G = stacked_gradients(self.pres, grad_divisor)
 
         def one(K: dict[str, Tensor], C: dict[str, Tensor], G: Tensor) -> Tensor:
             K_ = _matrix(self.structures["K"], self.dims["K"], K)
             C_ = _matrix(self.structures["C"], self.dims["C"], C)
             return natural_gradient(K_, C_, G)
 
-        N = torch.vmap(one)(stack["K"], stack["C"], G)
-        d_in = N.shape[2] - int(self.has_bias)
-        weight_parts = N[:, :, :d_in].unflatten(2, self.weight_shape[1:]).unbind(0)
-        if not self.has_bias:
-            return [[w] for w in weight_parts]
-        bias_parts = N[:, :, d_in].unbind(0)
-        return [[w, b] for w, b in zip(weight_parts, bias_parts, strict=True)]
+        return split_directions(torch.vmap(one)(stack["K"], stack["C"], G), self.pres)
