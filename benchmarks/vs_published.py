@@ -258,6 +258,12 @@ def _scenarios(models) -> dict[str, tuple]:
     }
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (timings on an accelerator end there)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _median_step_ms(
     model: nn.Module, optim, X: torch.Tensor, y: torch.Tensor, rounds: int
 ) -> float:
@@ -273,19 +279,23 @@ def _median_step_ms(
     one_round()
     measured = []
     for _ in range(rounds):
+        _synchronize(X.device)
         start = time.perf_counter()
         one_round()
+        _synchronize(X.device)
         measured.append(time.perf_counter() - start)
     return 1000 * statistics.median(measured) / ROUND_STEPS
 
 
-def _step_times(SINGD, models, structures: list[str], rounds: int) -> dict[str, float]:
+def _step_times(
+    SINGD, models, structures: list[str], rounds: int, device: torch.device
+) -> dict[str, float]:
     times = {}
     for name, (build, shape, classes, batch, average) in _scenarios(models).items():
         gen = torch.Generator().manual_seed(0)
-        X = torch.randn(batch, *shape, generator=gen)
+        X = torch.randn(batch, *shape, generator=gen).to(device)
         label_shape = (batch, shape[0]) if len(shape) == 2 else (batch,)
-        y = torch.randint(0, classes, label_shape, generator=gen)
+        y = torch.randint(0, classes, label_shape, generator=gen).to(device)
         configs = [
             (f"{s}{' IKFAC' if kl else ''}", s, kl, T)
             for s in structures
@@ -299,7 +309,7 @@ def _step_times(SINGD, models, structures: list[str], rounds: int) -> dict[str, 
             ("SGD", None, False, 1),
         ]:
             torch.manual_seed(0)
-            model = build()
+            model = build().to(device)
             if structure is None:
                 optim = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
             else:
@@ -318,7 +328,9 @@ def _step_times(SINGD, models, structures: list[str], rounds: int) -> dict[str, 
     return times
 
 
-def worker(out: Path, ours: bool, structures: list[str], rounds: int, what: str) -> None:
+def worker(
+    out: Path, ours: bool, structures: list[str], rounds: int, what: str, device: str = "cpu"
+) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
@@ -327,9 +339,12 @@ def worker(out: Path, ours: bool, structures: list[str], rounds: int, what: str)
     from singd.optim.optimizer import SINGD
 
     models = _models()
-    result = {"singd": str(Path(singd.__file__).parent)}
+    result = {"singd": str(Path(singd.__file__).parent), "device": "one CPU thread"}
+    if device != "cpu":
+        name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+        result["device"] = f"step times on {name}"
     if what in ("all", "times"):
-        result["times"] = _step_times(SINGD, models, structures, rounds)
+        result["times"] = _step_times(SINGD, models, structures, rounds, torch.device(device))
     if what in ("all", "trajectories"):
         result["trajectories"] = _trajectories(SINGD, models, structures, ours)
         result["configurations"] = _configuration_trajectories(SINGD)
@@ -346,12 +361,13 @@ def published_structures() -> tuple[str, ...]:
     return PUBLISHED_STRUCTURES
 
 
-def _run(python: str, ours: bool, out: Path, rounds: int, what: str) -> dict:
+def _run(python: str, ours: bool, out: Path, rounds: int, what: str, device: str) -> dict:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     if ours:
         env["PYTHONPATH"] = str(ROOT / "src")
     args = [python, __file__, "--worker", str(out), "--rounds", str(rounds), "--what", what]
+    args += ["--device", device]
     args += ["--structures", *published_structures()]
     subprocess.run([*args, *(["--ours"] if ours else [])], check=True, env=env, cwd=ROOT)
     return torch.load(out)
@@ -366,7 +382,8 @@ def report(ours: dict, published: dict) -> str:
         "# This package against the published singd",
         "",
         f"ours: `{ours['singd']}`; published: `{published['singd']}`; torch "
-        f"{torch.__version__}, one CPU thread. Produced by `python benchmarks/vs_published.py`.",
+        f"{torch.__version__}, {ours.get('device', 'one CPU thread')}. Produced by "
+        "`python benchmarks/vs_published.py`.",
     ]
     if "trajectories" in ours:
         lines += [
@@ -442,12 +459,18 @@ def main(argv: list[str] | None = None) -> int:
         "--what", choices=("all", "trajectories", "times"), default="all", help="what to run"
     )
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the step times are measured (default: cpu; the trajectories stay on "
+        "the CPU, in float32)",
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--structures", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        worker(args.worker, args.ours, args.structures, args.rounds, args.what)
+        worker(args.worker, args.ours, args.structures, args.rounds, args.what, args.device)
         return 0
     if args.published_python is None:
         parser.error("--published-python is required (see the module docstring)")
@@ -456,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(2 if args.what != "trajectories" else 1):
             for who, python in (("published", args.published_python), ("ours", sys.executable)):
                 out = Path(tmp) / f"{who}{repeat}.pt"
-                runs[who].append(_run(python, who == "ours", out, args.rounds, args.what))
+                runs[who].append(
+                    _run(python, who == "ours", out, args.rounds, args.what, args.device)
+                )
     merged = {}
     for who, results in runs.items():
         merged[who] = dict(results[0])

@@ -205,3 +205,41 @@ def test_gpt2_copy_for_ema_carries_no_hooks() -> None:
     ids = TokenData().ids[:2]
     ema(input_ids=ids, labels=ids).loss.backward()
     assert not with_statistics(optim)
+
+
+def test_gpt2_blocks_are_stacked_and_equal_one_layer_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The blocks' equal Conv1D layers (weights stored transposed) are refreshed and
+    preconditioned as stacks (:mod:`singd.preconditioners.stacked`, the adapter's
+    ``stacked_grad_matrices``), equal to one layer at a time in float64."""
+    from singd.preconditioners import SINGDPreconditioner
+    from singd.preconditioners.stacked import StackedBatch
+
+    def run(batched: bool) -> tuple[GPT2LMHeadModel, SINGD]:
+        with monkeypatch.context() as patch:
+            if not batched:
+                patch.setattr(SINGDPreconditioner, "batch_key", lambda self: None)
+            model = tiny_gpt2().double()
+            optim = SINGD(model, structures=("dense", "block_diagonal(4)"), **HYPER)
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(3):
+                ids = torch.randint(32, (4, 8), generator=gen)
+                optim.zero_grad()
+                model(input_ids=ids, labels=ids).loss.backward()
+                optim.step()
+        return model, optim
+
+    model, optim = run(batched=True)
+    stacks = {
+        tuple(pre.name for pre in batch.pres)
+        for pre in optim._preconditioners.values()
+        for batch in getattr(pre, "batches", {}).values()
+        if isinstance(batch, StackedBatch)
+    }
+    blocks = [f"transformer.h.{i}" for i in range(2)]
+    for projection in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        assert tuple(f"{b}.{projection}" for b in blocks) in stacks
+    reference, _ = run(batched=False)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, **tolerance(torch.float64), msg=name)

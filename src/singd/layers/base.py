@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 import torch
@@ -149,6 +149,38 @@ class LayerAdapter(ABC, Generic[M]):
         if bias is None:
             return [mat.reshape(weight.shape)]
         return [mat[:, :-1].reshape(weight.shape), mat[:, -1]]
+
+    # --- equal layers as one stack (singd.preconditioners.joint) --------------------------
+    @classmethod
+    def stacked_grad_matrices(cls, adapters: Sequence[LayerAdapter[Any]]) -> Tensor:
+        r"""The :meth:`grad_matrix` of equal layers of this class (same weight shape and
+        bias; every parameter with a gradient) as one ``[L, d_o, d_K]`` stack.
+
+        The default layout (weight flattened beside the bias) takes a few operations for
+        any number of layers; an adapter with its own :meth:`grad_matrix` gets one call
+        of it per layer, unless it overrides this method too.
+        """
+        if cls.grad_matrix is not LayerAdapter.grad_matrix:
+            return torch.stack([adapter.grad_matrix() for adapter in adapters])
+        weights = torch.stack([a.parameters()[0].grad for a in adapters])  # type: ignore[misc]
+        G = weights.flatten(2)
+        if adapters[0].parameters()[1] is not None:
+            biases = torch.stack([a.parameters()[1].grad for a in adapters])  # type: ignore[misc, union-attr]
+            G = torch.cat([G, biases.unsqueeze(2).to(G.dtype)], dim=2)
+        return G
+
+    @classmethod
+    def split_stacked(cls, N: Tensor, adapters: Sequence[LayerAdapter[Any]]) -> list[list[Tensor]]:
+        """Inverse of :meth:`stacked_grad_matrices`: ``[L, d_o, d_K]`` back to each layer's
+        ``[weight, bias]`` shapes (views where the layout allows)."""
+        if cls.split_matrix is not LayerAdapter.split_matrix:
+            return [a.split_matrix(n) for a, n in zip(adapters, N.unbind(0), strict=True)]
+        weight, bias = adapters[0].parameters()
+        d_in = N.shape[2] - int(bias is not None)
+        weights = N[:, :, :d_in].unflatten(2, weight.shape[1:]).unbind(0)
+        if bias is None:
+            return [[w] for w in weights]
+        return [[w, b] for w, b in zip(weights, N[:, :, d_in].unbind(0), strict=True)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,9 @@ name (:func:`singd.layers.register_adapter_by_name`) and matched by name, so
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -53,3 +56,19 @@ class TransformersConv1DAdapter(LayerAdapter[nn.Module]):
         if self.parameters()[1] is None:
             return [mat.T]
         return [mat[:, :-1].T, mat[:, -1]]
+
+    # the stacked forms of the two above: a few operations for any number of layers
+    @classmethod
+    def stacked_grad_matrices(cls, adapters: Sequence[LayerAdapter[Any]]) -> Tensor:
+        G = torch.stack([a.parameters()[0].grad for a in adapters]).mT  # type: ignore[misc]
+        if adapters[0].parameters()[1] is None:
+            return G
+        biases = torch.stack([a.parameters()[1].grad for a in adapters])  # type: ignore[misc, union-attr]
+        return torch.cat([G, biases.unsqueeze(2).to(G.dtype)], dim=2)
+
+    @classmethod
+    def split_stacked(cls, N: Tensor, adapters: Sequence[LayerAdapter[Any]]) -> list[list[Tensor]]:
+        if adapters[0].parameters()[1] is None:
+            return [[w] for w in N.mT.unbind(0)]
+        weights, biases = N[:, :, :-1].mT.unbind(0), N[:, :, -1].unbind(0)
+        return [[w, b] for w, b in zip(weights, biases, strict=True)]

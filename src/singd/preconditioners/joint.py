@@ -15,14 +15,12 @@ them without recompiling.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
-import torch
 from torch import Tensor, nn
 
 from singd.functional.scalars import Scalar
-from singd.layers import LayerAdapter
 from singd.preconditioners.base import LayerPreconditioner, Refreshed
 
 #: The factors of a SINGD layer's state, in the order the batches join them.
@@ -77,47 +75,44 @@ class JointStateBatch(ABC, Generic[Pre]):
 
 
 def stacked_gradients(pres: Sequence[LayerPreconditioner], grad_divisor: float) -> Tensor:
-    r"""The gradient matrices :math:`[\nabla W | \nabla b]` ``[L, d_C, d_K]`` of layers of
-    equal weight shape and bias (every parameter with a gradient; the default
-    ``LayerAdapter.grad_matrix`` layout), divided by ``grad_divisor``, in a few
-    operations for any number of layers."""
-    weights = torch.stack([pre.layer.params[0].grad for pre in pres])  # type: ignore[misc]
-    G = weights.flatten(2)
-    if len(pres[0].layer.params) == 2:
-        biases = torch.stack([pre.layer.params[1].grad for pre in pres])  # type: ignore[misc]
-        G = torch.cat([G, biases.unsqueeze(2).to(G.dtype)], dim=2)
+    r"""The gradient matrices ``[L, d_C, d_K]`` of equal layers (every parameter with a
+    gradient; :meth:`~singd.layers.LayerAdapter.stacked_grad_matrices` of their adapter
+    class), divided by ``grad_divisor``."""
+    adapters = [pre.layer.adapter for pre in pres]
+    G = type(adapters[0]).stacked_grad_matrices(adapters)
     if grad_divisor != 1.0:
-        G = G.div_(grad_divisor)  # (a new tensor: the stack or the concatenation)
+        G = G / grad_divisor
     return G
 
 
 def split_directions(N: Tensor, pres: Sequence[LayerPreconditioner]) -> list[list[Tensor]]:
-    """``[L, d_C, d_K]`` directions back to each layer's ``[weight, bias]`` shapes (views;
-    the inverse of :func:`stacked_gradients`)."""
-    layer = pres[0].layer
-    has_bias = len(layer.params) == 2
-    d_in = N.shape[2] - int(has_bias)
-    weights = N[:, :, :d_in].unflatten(2, layer.weight.shape[1:]).unbind(0)
-    if not has_bias:
-        return [[w] for w in weights]
-    biases = N[:, :, d_in].unbind(0)
-    return [[w, b] for w, b in zip(weights, biases, strict=True)]
+    """``[L, d_C, d_K]`` directions back to each layer's parameter shapes (the inverse of
+    :func:`stacked_gradients`)."""
+    adapters = [pre.layer.adapter for pre in pres]
+    return type(adapters[0]).split_stacked(N, adapters)
 
 
 def stackable(pre: LayerPreconditioner, kl_clip: float | None) -> bool:
-    """Whether ``pre``'s layer can join a batch: its gradient matrix is its weight
-    flattened beside its bias (Linear, Conv: :func:`stacked_gradients`), its factors are
-    on this rank (not the sharded mode's factor-free statistics), no KL clipping (which
-    needs each layer's gradient–update product), and a plain tensor weight (DTensors and
-    other subclasses: one at a time)."""
-    adapter, weight = type(pre.layer.adapter), pre.layer.weight
+    """Whether ``pre``'s layer can join a batch: its factors are on this rank (not the
+    sharded mode's factor-free statistics), no KL clipping (which needs each layer's
+    gradient–update product), and plain tensor parameters (DTensors and other
+    subclasses: one at a time)."""
     return not (
         pre.factor_free_statistics
         or kl_clip is not None
-        or adapter.grad_matrix is not LayerAdapter.grad_matrix
-        or adapter.split_matrix is not LayerAdapter.split_matrix
-        or weight.shape[0] != pre.plan.d_C
-        or type(weight) not in (Tensor, nn.Parameter)
+        or any(type(p) not in (Tensor, nn.Parameter) for p in pre.layer.params)
+    )
+
+
+def layout_key(pre: LayerPreconditioner) -> tuple[Hashable, ...]:
+    """What equal layers of a stack share besides their options: the adapter class (the
+    gradient matrix's layout), the parameters' shapes and dtypes, the device."""
+    params = pre.layer.params
+    return (
+        type(pre.layer.adapter),
+        tuple(tuple(p.shape) for p in params),
+        tuple(p.dtype for p in params),
+        pre.layer.weight.device,
     )
 
 

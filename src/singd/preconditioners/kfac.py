@@ -27,6 +27,7 @@ from singd.preconditioners.base import LayerPreconditioner, Refreshed
 from singd.preconditioners.joint import (
     JointStateBatch,
     cached_batch,
+    layout_key,
     split_directions,
     stackable,
     stacked_gradients,
@@ -150,19 +151,12 @@ class KFACPreconditioner(LayerPreconditioner):
 
     # --- batches (singd.preconditioners.joint) -------------------------------------------
     def batch_key(self) -> tuple[Hashable, ...] | None:
-        """Layers of equal weight shape, bias, dtypes and options form one stack."""
-        config, weight = self.config, self.layer.weight
+        """Layers of equal adapter class, parameter shapes, dtypes and options form one
+        stack (:func:`~singd.preconditioners.joint.stackable`)."""
+        config = self.config
         if not stackable(self, config.kl_clip):
             return None
-        return (
-            tuple(weight.shape),
-            len(self.layer.params),
-            weight.dtype,
-            self.dtype_K,
-            config.damping,
-            config.inverse_dtype,
-            weight.device,
-        )
+        return (*layout_key(self), self.dtype_K, config.damping, config.inverse_dtype)
 
     @classmethod
     def refresh_batch(

@@ -31,9 +31,16 @@ from singd.functional.statistics import (
     output_statistic,
     sandwich,
 )
+from singd.layers import LayerAdapter
 from singd.preconditioners.base import LayerPreconditioner, Refreshed
 from singd.preconditioners.diagonal import DiagonalBatch
-from singd.preconditioners.joint import FACTOR_NAMES, JointStateBatch, cached_batch, stackable
+from singd.preconditioners.joint import (
+    FACTOR_NAMES,
+    JointStateBatch,
+    cached_batch,
+    layout_key,
+    stackable,
+)
 from singd.preconditioners.stacked import StackedBatch
 from singd.structures import Diagonal, StructuredMatrix
 
@@ -170,40 +177,36 @@ class SINGDPreconditioner(LayerPreconditioner):
 
     # --- batches -------------------------------------------------------------------------
     def batch_key(self) -> tuple[Hashable, ...] | None:
-        """The batch of a layer whose gradient matrix is its weight flattened beside its
-        bias (Linear, Conv), with factors on this rank, without KL clipping: layers with
-        diagonal K and C in the weight's dtype (any sizes, ``"diagonal"``), else layers
-        of equal structures, sizes and dtypes (``"stacked"``); with equal
-        hyper-parameters and device. None: refreshed and preconditioned alone."""
+        """The batch of a layer with factors on this rank, without KL clipping
+        (:func:`~singd.preconditioners.joint.stackable`): layers with diagonal K and C in
+        the weight's dtype whose gradient matrix is the weight flattened beside the bias
+        (Linear, Conv; any sizes, ``"diagonal"``), else layers of equal structures,
+        adapter class, parameter shapes and dtypes (``"stacked"``); with equal
+        hyper-parameters. None: refreshed and preconditioned alone."""
         plan, config, layer = self.plan, self.config, self.layer
-        weight = layer.weight
+        weight, adapter = layer.weight, type(layer.adapter)
         if not stackable(self, config.kl_clip):
             return None
         state = self.state
         if state is not None and (state.m_K is not None) != (config.alpha1 != 0):
             return None  # (a checkpoint with other momenta: one at a time)
-        shared = (
-            config.damping,
-            config.alpha1,
-            config.kfac_like,
-            config.normalize_lr_cov,
-            weight.device,
-        )
+        shared = (config.damping, config.alpha1, config.kfac_like, config.normalize_lr_cov)
         if (
             isinstance(plan.structure_K, Diagonal)
             and isinstance(plan.structure_C, Diagonal)
             and weight.dtype == self.dtype_K == self.dtype_C
+            and adapter.grad_matrix is LayerAdapter.grad_matrix
+            and adapter.split_matrix is LayerAdapter.split_matrix
+            and weight.shape[0] == plan.d_C
         ):
-            return ("diagonal", self.dtype_K, *shared)
+            return ("diagonal", self.dtype_K, weight.device, *shared)
         return (
             "stacked",
             str(plan.structure_K),
             str(plan.structure_C),
-            tuple(weight.shape),
-            len(layer.params),
-            weight.dtype,
             self.dtype_K,
             self.dtype_C,
+            *layout_key(self),
             *shared,
         )
 
