@@ -380,6 +380,21 @@ def test_benchmark_quick_mode_writes_markdown(
     assert "| SINGD-diagonal |" in text and "×SGD T=10" in text
 
 
+def test_large_models_quick_mode(tmp_path: Path) -> None:
+    """benchmarks/large_models.py (a GPU benchmark) runs its CPU-sized stand-in."""
+    from benchmarks import large_models
+
+    out = tmp_path / "large.md"
+    argv = ["--quick", "--scenarios", "gpt2", "--optimizers", "sgd", "singd"]
+    argv += ["--structures", "diagonal", "--T", "1", "--repeats", "1", "--no-progress"]
+    assert large_models.main([*argv, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## gpt2: GPT-2 shape" in text and "| SINGD-diagonal |" in text
+    # the quick model is GPT-2-shaped: tied head, equal blocks
+    model = large_models.GPT2Shaped(97, 32, 32, 2, 2)
+    assert model.head.weight is model.tokens.weight and len(model.blocks) == 2
+
+
 def test_step_breakdown_reads_the_profiler_ranges() -> None:
     """The breakdown benchmark finds every phase the optimizer names (non-zero times)."""
     argv = ["--scenario", "tokens", "--structures", "diagonal", "block30diagonal"]
