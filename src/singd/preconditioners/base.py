@@ -23,9 +23,12 @@ refresh needs besides the live ``lr_cov`` is on the object (:attr:`plan`,
 optimizer groups the preconditioners of a param group by :meth:`batch_key` and calls
 the class's :meth:`refresh_batch` and :meth:`precondition_batch` once per batch. The
 default is one layer at a time (:meth:`refresh` and :meth:`precondition`); a
-preconditioner class whose math has a multi-tensor form overrides them (SINGD's
-diagonal factors, :mod:`singd.preconditioners.diagonal`), so that the number of
-operations of a step grows with the number of distinct layer kinds, not of layers.
+preconditioner class whose math has a multi-tensor form overrides them, so that the
+number of operations of a step grows with the number of distinct layer kinds, not of
+layers: SINGD's diagonal factors of any sizes (:mod:`singd.preconditioners.diagonal`),
+and equal layers of SINGD (every structure) and KFAC as stacks under ``torch.vmap``
+(:mod:`singd.preconditioners.stacked`, :class:`~singd.preconditioners.kfac.KFACStack`;
+the shared machinery in :mod:`singd.preconditioners.joint`).
 """
 
 from __future__ import annotations
