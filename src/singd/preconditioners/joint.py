@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from torch import Tensor, nn
 
-from singd.functional.scalars import Scalar
+from singd.functional.scalars import Scalar, is_one
 from singd.preconditioners.base import LayerPreconditioner, Refreshed
 
 #: The factors of a SINGD layer's state, in the order the batches join them.
@@ -74,13 +74,13 @@ class JointStateBatch(ABC, Generic[Pre]):
         self.views = []
 
 
-def stacked_gradients(pres: Sequence[LayerPreconditioner], grad_divisor: float) -> Tensor:
+def stacked_gradients(pres: Sequence[LayerPreconditioner], grad_divisor: Scalar) -> Tensor:
     r"""The gradient matrices ``[L, d_C, d_K]`` of equal layers (every parameter with a
     gradient; :meth:`~singd.layers.LayerAdapter.stacked_grad_matrices` of their adapter
     class), divided by ``grad_divisor``."""
     adapters = [pre.layer.adapter for pre in pres]
     G = type(adapters[0]).stacked_grad_matrices(adapters)
-    if grad_divisor != 1.0:
+    if not is_one(grad_divisor):
         G = G / grad_divisor
     return G
 

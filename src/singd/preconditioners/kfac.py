@@ -45,8 +45,8 @@ def refreshed_state(
     U: Tensor,
     G: Tensor,
     *,
-    lr_cov: float,
-    h_c_unscale: float,
+    lr_cov: Scalar,
+    h_c_unscale: Scalar,
     damping: float,
     inverse_dtype: torch.dtype,
 ) -> dict[str, Tensor]:
@@ -160,7 +160,7 @@ class KFACPreconditioner(LayerPreconditioner):
 
     @classmethod
     def refresh_batch(
-        cls, batch: Sequence[LayerPreconditioner], lr_cov: float, h_c_unscale: float
+        cls, batch: Sequence[LayerPreconditioner], lr_cov: Scalar, h_c_unscale: Scalar
     ) -> Refreshed:
         pres = [pre for pre in batch if isinstance(pre, KFACPreconditioner)]
         if len(batch) == 1 or len(pres) != len(batch):
@@ -170,7 +170,7 @@ class KFACPreconditioner(LayerPreconditioner):
 
     @classmethod
     def precondition_batch(
-        cls, batch: Sequence[LayerPreconditioner], grad_divisor: float
+        cls, batch: Sequence[LayerPreconditioner], grad_divisor: Scalar
     ) -> list[list[Tensor]]:
         pres = [pre for pre in batch if isinstance(pre, KFACPreconditioner)]
         assert len(pres) == len(batch)
@@ -228,7 +228,7 @@ class KFACStack(JointStateBatch[KFACPreconditioner]):
             self.views.append(list(state.values()))
         self.stack = stack
 
-    def refresh(self, lr_cov: float, h_c_unscale: float) -> Refreshed:
+    def refresh(self, lr_cov: Scalar, h_c_unscale: Scalar) -> Refreshed:
         """Refresh every layer from its accumulated U, G (consumed)."""
         pres = self.pres
         old = self.current()
@@ -268,7 +268,7 @@ class KFACStack(JointStateBatch[KFACPreconditioner]):
         replaced = [([new[k] for k in STATE_NAMES], [old[k] for k in STATE_NAMES])]
         return Refreshed(checks=checks, replaced=replaced, undo=[undo])
 
-    def precondition(self, grad_divisor: float) -> list[list[Tensor]]:
+    def precondition(self, grad_divisor: Scalar) -> list[list[Tensor]]:
         r""":math:`P_C [\nabla W | \nabla b] P_K` of every layer, split like its parameters."""
         stack = self.current()
         G = stacked_gradients(self.pres, grad_divisor)

@@ -34,7 +34,7 @@ from singd.functional import (
     natural_gradient,
     update_factors,
 )
-from singd.functional.scalars import Scalar, is_one
+from singd.functional.scalars import Scalar
 from singd.preconditioners.base import Refreshed
 from singd.preconditioners.joint import (
     FACTOR_NAMES,
