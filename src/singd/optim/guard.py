@@ -33,6 +33,15 @@ has finished the step, checked with an event query. ``poll(block=True)`` waits (
 warning that names the step and the labels (layers) with inf/NaN, and runs its undo
 callbacks.
 
+**On CPUs** reading the verdict costs nothing (there is no device to wait for), while
+``torch.where`` with a broadcast 0-dim condition is several times slower there than a
+copy (measured: 3.1 of the 6.4 ms of a SINGD-diagonal ``step()`` on the benchmark
+CNN, against 0.65 ms for SGD's whole ``step()``). So eagerly on a CPU
+(:func:`~singd.structures._linalg.splits_work`) the commit reads ``ok`` and copies the
+new values into the old tensors only if it holds (:meth:`StepGuard.commit_`), and puts
+the old values back into the new tensors only if it fails (:meth:`StepGuard.select_`):
+the same values as the branch-free commit, which accelerators and compiled code keep.
+
 The module knows nothing about optimizers, so batched or sharded step
 implementations use the same mechanism: check what they produce, commit with the
 same ``ok``.
@@ -225,8 +234,23 @@ class StepGuard:
             self._ok = self.passed.all()
         return self._ok
 
+    def _host_ok(self) -> bool | None:
+        """:attr:`ok` read on the host where that is free: eagerly on a CPU (module
+        docstring); None on accelerators and in compiled or vmapped code (branch-free)."""
+        ok = self.ok
+        if _linalg.tracing() or not _linalg.splits_work(ok):
+            return None
+        return bool(ok)
+
     def commit_(self, targets: Sequence[Tensor], new: Sequence[Tensor]) -> None:
-        """``target ← new`` if :attr:`ok`, else unchanged; in place, without a host branch."""
+        """``target ← new`` if :attr:`ok`, else unchanged; in place, without a host branch
+        (on CPUs with one, where it is free: module docstring)."""
+        host_ok = self._host_ok()
+        if host_ok is not None:
+            if host_ok:
+                for target, value in zip(targets, new, strict=True):
+                    _local(target).copy_(_local(value))
+            return
         ok = self.ok
         for target, value in zip(targets, new, strict=True):
             target, value = _local(target), _local(value)
@@ -239,6 +263,12 @@ class StepGuard:
         scalar as in ``torch.optim``) cannot wait for the device's verdict: they keep
         the new value, and their change is undone when the verdict is read.
         """
+        host_ok = self._host_ok()
+        if host_ok is not None:
+            if not host_ok:
+                for value, previous in zip(new, old, strict=True):
+                    _local(value).copy_(_local(previous))
+            return
         ok = self.ok
         for value, previous in zip(new, old, strict=True):
             value, previous = _local(value), _local(previous)
@@ -296,8 +326,9 @@ class StepGuard:
         """Commit what :meth:`guard_in_place` ran: restore the copies unless :attr:`ok`."""
         for current, snapshot in self._restores:
             self.select_(current, snapshot)
-        for t in self._resets:
-            self.select_([t], [torch.zeros_like(t)])
+        if self._resets and self._host_ok() is not True:  # (nothing to reset if ok)
+            for t in self._resets:
+                self.select_([t], [torch.zeros_like(t)])
         self._restores.clear()
         self._resets.clear()
 
