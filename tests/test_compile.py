@@ -13,6 +13,7 @@ Inductor.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -192,6 +193,65 @@ def _all_state(model: nn.Module, optim: Any) -> list[torch.Tensor]:
     return tensors + [
         t.clone() for p in model.parameters() for t in optim.state[p].values() if torch.is_tensor(t)
     ]
+
+
+def _ddp_worker(rank: int, init: str, out: str) -> None:
+    """One of 2 gloo ranks: the same 4 steps behind ``DistributedDataParallel``
+    eagerly and compiled (float64, each rank half of every batch); then
+    ``compile()`` with sharded factors, which must refuse."""
+    import torch.distributed as dist
+
+    from tests.test_distributed import WORLD, Net, batch, loss_fn, params, shard
+
+    torch.set_num_threads(1)  # (two ranks share the machine's cores)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = nn.parallel.DistributedDataParallel(Net().double())
+            cls, kwargs = CONFIGS["ingd"]
+            optim: Any = cls(model, T=2, lr=0.05, momentum=0.5, lr_cov=0.05, **kwargs)  # type: ignore[call-arg]
+            if compiled:
+                torch_dynamo.reset()
+                optim.compile(backend=_counting_backend())
+            scheduler = torch.optim.lr_scheduler.StepLR(optim, 1, gamma=0.8)
+            for step in range(4):
+                X, y = batch(step)
+                optim.zero_grad()
+                loss_fn(model(shard(X, rank).double()), shard(y, rank), "batch").backward()
+                optim.step()
+                scheduler.step()
+            results[compiled] = params(model)
+        sharded = SINGD(Net().double(), distributed="sharded")
+        try:
+            sharded.compile(backend="aot_eager")
+            refused = ""
+        except ValueError as error:
+            refused = str(error)
+        torch.save(
+            {"eager": results[False], "compiled": results[True], "refused": refused},
+            Path(out) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_step_on_two_ddp_ranks_equals_eager(tmp_path: Path) -> None:
+    """Behind ``DistributedDataParallel`` (replicated factors: the reductions run
+    before the graph) the compiled step equals the eager one on every rank; sharded
+    factors, whose step communicates inside the graph, are refused with a clear error."""
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import WORLD, free_port
+
+    mp.spawn(_ddp_worker, args=(f"tcp://127.0.0.1:{free_port()}", str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert saved["eager"].keys() == saved["compiled"].keys()
+        for name, want in saved["eager"].items():
+            assert_close(saved["compiled"][name], want)
+        assert "compile() does not support the Sharded distribution strategy" in saved["refused"]
 
 
 def test_a_compiled_step_with_inf_nan_changes_nothing() -> None:

@@ -141,7 +141,24 @@ class StepPhasesMixin:
         recompiles. A fallback rule registered with
         :func:`~singd.optim.fallback.register_fallback` gets ``lr`` as a float (its
         contract), so with one a changing ``lr`` recompiles.
+
+        Data parallelism: with replicated factors (``distributed="replicated"``, the
+        default behind ``DistributedDataParallel``) the reductions run on the host
+        side, before the graph, and the compiled step equals the eager one.
+
+        Raises:
+            ValueError: With sharded factors (``distributed="sharded"``, FSDP2): their
+                step shares the natural gradients with asynchronous collectives
+                inside the device step, which ``torch.compile`` cannot trace.
         """
+        if not self._distributor.replicates_factors:
+            raise ValueError(
+                f"compile() does not support the {type(self._distributor).__name__} "
+                "distribution strategy: sharded factors share the natural gradients with "
+                "asynchronous collectives inside the step, which torch.compile cannot "
+                "trace. Use distributed='replicated' (every rank holds every factor; "
+                "the default with DistributedDataParallel), or keep the step eager."
+            )
         self._compiled_device_step = torch.compile(self._device_step, fullgraph=True, **options)
         self._scalar_tensors = {}
 
