@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Dynamo's recompile limit counts graphs per code object: the compiled optimizers
+    # here share StepPhasesMixin._device_step, up to three graphs each
+    torch._dynamo.config.recompile_limit = max(
+        torch._dynamo.config.recompile_limit, 4 * len(OPTIMIZERS)
+    )
     device = torch.device(args.device)
     options: dict[str, Any] = {"backend": args.backend}
     if args.mode:
