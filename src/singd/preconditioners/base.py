@@ -131,6 +131,12 @@ class LayerPreconditioner(ABC):
     def drop_statistics(self) -> None:
         """Drop the accumulators (a skipped step; another rank owns the layer)."""
 
+    #: The layer's state, in its class's form (SINGD: a
+    #: :class:`~singd.functional.FactorState`; KFAC: a dict of tensors); None until it
+    #: is allocated. A batch (:mod:`singd.preconditioners.joint`) replaces it with views
+    #: of its joint tensors and puts the one from before back when a refresh is undone.
+    state: object
+
     #: The attributes that hold the accumulators (for :meth:`statistics_snapshot`).
     ACCUMULATORS: tuple[str, ...] = ()
 

@@ -107,6 +107,10 @@ class DiagonalBatch(JointStateBatch["SINGDPreconditioner"]):
             self.views.append([k, c, mk, mc])
         self.flat = flat
 
+    def forget(self) -> None:
+        self.flat = self.squares_of = None
+        super().forget()
+
     def _fill_squares(self, flat: DiagonalFactors) -> None:
         self.group.set_squares(flat.k, flat.c)
         self.squares_of = flat
@@ -116,8 +120,7 @@ class DiagonalBatch(JointStateBatch["SINGDPreconditioner"]):
         """Refresh every layer from its raw statistics (``pre.raw_statistics``)."""
         pres = self.pres
         old = self.current()
-        before = [pre.state for pre in pres]
-        statistics = [pre.statistics_snapshot() for pre in pres]
+        undo = self.snapshot()
         h_k = torch.cat([pre.H_K.tensors()["diag"] for pre in pres])  # type: ignore[union-attr]
         h_c = torch.cat([pre.H_C.tensors()["diag"] for pre in pres])  # type: ignore[union-attr]
         for pre in pres:
@@ -126,20 +129,8 @@ class DiagonalBatch(JointStateBatch["SINGDPreconditioner"]):
         new = self.group.refresh(old, h_k, h_c, hp, h_c_unscale, raw=True)
         self.install(new)
         self._fill_squares(new)
-
-        def undo() -> None:
-            for pre, state, stats in zip(pres, before, statistics, strict=True):
-                pre.state = state
-                pre.restore_statistics(stats)
-            self.flat = self.squares_of = None
-            self.forget()
-
-        checks = [
-            (pre.name, [t for t in views if t is not None])
-            for pre, views in zip(pres, self.views, strict=True)
-        ]
         return Refreshed(
-            checks=checks,
+            checks=self.checks(),
             replaced=[(new.tensors(), old.tensors())],
             undo=[undo],
             # the new vectors now hold the committed values (the old ones if skipped)

@@ -15,7 +15,7 @@ them without recompiling.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
 from torch import Tensor, nn
@@ -69,8 +69,33 @@ class JointStateBatch(ABC, Generic[Pre]):
         """The natural gradient of every layer (all parameters with gradients), split
         like ``layer.params``, the gradients divided by ``grad_divisor`` first."""
 
+    def snapshot(self) -> Callable[[], None]:
+        """Take every layer's state and statistics (references) as they are, before a
+        refresh replaces them. Returns the refresh's undo (the step raised): it puts
+        them back and drops the joint state (:meth:`forget`)."""
+        pres = self.pres
+        before = [pre.state for pre in pres]
+        statistics = [pre.statistics_snapshot() for pre in pres]
+
+        def undo() -> None:
+            for pre, state, stats in zip(pres, before, statistics, strict=True):
+                pre.state = state
+                pre.restore_statistics(stats)
+            self.forget()
+
+        return undo
+
+    def checks(self) -> list[tuple[str, list[Tensor]]]:
+        """(layer name, the views it holds) per layer, for the step guard
+        (:attr:`~singd.preconditioners.base.Refreshed.checks`: what must be finite)."""
+        return [
+            (pre.name, [t for t in views if t is not None])
+            for pre, views in zip(self.pres, self.views, strict=True)
+        ]
+
     def forget(self) -> None:
-        """Join the layers' state afresh at the next use (a refresh was undone)."""
+        """Join the layers' state afresh at the next use (a refresh was undone); a
+        subclass drops its joint tensors too."""
         self.views = []
 
 

@@ -228,12 +228,15 @@ class KFACStack(JointStateBatch[KFACPreconditioner]):
             self.views.append(list(state.values()))
         self.stack = stack
 
+    def forget(self) -> None:
+        self.stack = None
+        super().forget()
+
     def refresh(self, lr_cov: Scalar, h_c_unscale: Scalar) -> Refreshed:
         """Refresh every layer from its accumulated U, G (consumed)."""
         pres = self.pres
         old = self.current()
-        before = [pre.state for pre in pres]
-        statistics = [pre.statistics_snapshot() for pre in pres]
+        undo = self.snapshot()
         U = torch.stack([pre.U for pre in pres])  # type: ignore[misc]
         G = torch.stack([pre.G for pre in pres])  # type: ignore[misc]
         for pre in pres:
@@ -253,20 +256,8 @@ class KFACStack(JointStateBatch[KFACPreconditioner]):
 
         new = torch.vmap(one)(old, U, G)
         self.install(new)
-
-        def undo() -> None:
-            for pre, state, stats in zip(pres, before, statistics, strict=True):
-                pre.state = state
-                pre.restore_statistics(stats)
-            self.stack = None
-            self.forget()
-
-        checks = [
-            (pre.name, [t for t in views if t is not None])
-            for pre, views in zip(pres, self.views, strict=True)
-        ]
         replaced = [([new[k] for k in STATE_NAMES], [old[k] for k in STATE_NAMES])]
-        return Refreshed(checks=checks, replaced=replaced, undo=[undo])
+        return Refreshed(checks=self.checks(), replaced=replaced, undo=[undo])
 
     def precondition(self, grad_divisor: Scalar) -> list[list[Tensor]]:
         r""":math:`P_C [\nabla W | \nabla b] P_K` of every layer, split like its parameters."""

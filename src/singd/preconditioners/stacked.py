@@ -126,13 +126,16 @@ class StackedBatch(JointStateBatch["SINGDPreconditioner"]):
             self.views.append(self._tensors_of(pre.state))
         self.stack = stack
 
+    def forget(self) -> None:
+        self.stack = None
+        super().forget()
+
     # --- refresh and preconditioning ------------------------------------------------
     def refresh(self, lr_cov: Scalar, h_c_unscale: Scalar) -> Refreshed:
         """Refresh every layer from its accumulated :math:`H_K`, :math:`H_C`."""
         pres = self.pres
         old = self.current()
-        before = [pre.state for pre in pres]
-        statistics = [pre.statistics_snapshot() for pre in pres]
+        undo = self.snapshot()
         H = {
             side: {
                 key: torch.stack([getattr(pre, f"H_{side}").tensors()[key] for pre in pres])
@@ -146,21 +149,10 @@ class StackedBatch(JointStateBatch["SINGDPreconditioner"]):
         new = torch.vmap(self._update(hp, h_c_unscale))(old, H)
         self.install(new)
 
-        def undo() -> None:
-            for pre, state, stats in zip(pres, before, statistics, strict=True):
-                pre.state = state
-                pre.restore_statistics(stats)
-            self.stack = None
-            self.forget()
-
         def flat(tensors: StateTensors) -> list[Tensor]:
             return [t for name in tensors for t in tensors[name].values()]
 
-        checks = [
-            (pre.name, [t for t in views if t is not None])
-            for pre, views in zip(pres, self.views, strict=True)
-        ]
-        return Refreshed(checks=checks, replaced=[(flat(new), flat(old))], undo=[undo])
+        return Refreshed(checks=self.checks(), replaced=[(flat(new), flat(old))], undo=[undo])
 
     def _update(
         self, hp: FactorHyperparams, h_c_unscale: Scalar
