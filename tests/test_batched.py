@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from torch import nn
 from singd import KFAC, SINGD
 from singd.functional import FactorHyperparams, FactorState, natural_gradient, update_factors
 from singd.functional.batched import DiagonalFactors, DiagonalGroup
+from singd.optim.phases import StepPhasesMixin
 from singd.preconditioners import KFACPreconditioner, SINGDPreconditioner
 from singd.preconditioners.diagonal import DiagonalBatch
 from singd.preconditioners.kfac import KFACStack
@@ -280,45 +282,6 @@ def test_batched_with_accumulation_scaler_and_reload(monkeypatch: pytest.MonkeyP
     )
 
 
-def test_layers_hold_views_of_the_batch_and_a_non_finite_step_changes_nothing() -> None:
-    model = _model()
-    optim = SINGD(model, structures=("diagonal", "diagonal"), lr=5e-2, lr_cov=5e-2)
-    loss_func = nn.CrossEntropyLoss()
-    (X, y), (X_bad, _) = _batches(2)
-    optim.zero_grad()
-    loss_func(model(X), y).backward()
-    optim.step()
-    pres = list(optim.preconditioners.values())
-    (batch,) = [b for pre in pres for b in pre.batches.values()]  # type: ignore[attr-defined]
-    assert isinstance(batch, DiagonalBatch)
-    flat = batch.current()
-    storage = flat.k.untyped_storage().data_ptr()  # every layer's K is a view of it
-    assert all(pre.state.K.diag.untyped_storage().data_ptr() == storage for pre in pres)  # type: ignore[attr-defined]
-    assert flat.k.numel() == sum(pre.plan.d_K for pre in pres)
-    params = [p.detach().clone() for p in model.parameters()]
-    states = {
-        name: {k: t.clone() for k, t in pre.state_dict().items()}
-        for name, pre in optim.preconditioners.items()
-    }
-    X_bad[0, 0, 0, 0] = float("nan")
-    optim.zero_grad()
-    loss_func(model(X_bad), y).backward()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        optim.step()
-    assert any("skipped" in str(w.message) for w in caught)
-    for p, before in zip(model.parameters(), params, strict=True):
-        assert torch.equal(p, before)
-    for name, pre in optim.preconditioners.items():
-        for key, t in pre.state_dict().items():
-            assert torch.equal(t, states[name][key]), (name, key)
-    # and the next good step trains from there (the k², c² buffers were refilled)
-    optim.zero_grad()
-    loss_func(model(X), y).backward()
-    optim.step()
-    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), params, strict=True))
-
-
 # --- equal layers of other structures: stacked ---------------------------------------------
 @pytest.mark.parametrize("structures", STACKED_STRUCTURES, ids=lambda s: "-".join(s))
 @pytest.mark.parametrize("kwargs", OPTIONS)
@@ -347,34 +310,99 @@ def test_stacked_with_accumulation_scaler_and_reload(
     )
 
 
-def test_equal_layers_hold_rows_of_the_stack_and_a_non_finite_step_changes_nothing() -> None:
+# --- the joint state: views, a non-finite step, an exception -----------------------------
+def _joint_batches(optim: Any) -> list[Any]:
+    return [b for pre in optim.preconditioners.values() for b in pre.batches.values()]
+
+
+def _holds_views_of_the_concatenation(optim: Any) -> None:
+    """Diagonal layers (all of them one batch): every layer's K is a view of one vector."""
+    pres = list(optim.preconditioners.values())
+    (batch,) = _joint_batches(optim)
+    assert isinstance(batch, DiagonalBatch)
+    flat = batch.current()
+    storage = flat.k.untyped_storage().data_ptr()
+    assert all(pre.state.K.diag.untyped_storage().data_ptr() == storage for pre in pres)
+    assert flat.k.numel() == sum(pre.plan.d_K for pre in pres)
+
+
+def _rows_of(kind: type, stacked: Any, held: Any) -> Callable[[Any], None]:
+    """Stacks of ``kind`` of the pair of convolutions and the pair of linears, nothing
+    else, whose layers hold rows of them: ``stacked(batch)`` the stack, ``held(pre)``
+    a layer's tensor."""
+
+    def check(optim: Any) -> None:
+        stacks = _joint_batches(optim)
+        assert sorted(len(b.pres) for b in stacks) == [2, 2]
+        assert all(isinstance(b, kind) for b in stacks)
+        for batch in stacks:
+            stack = stacked(batch)
+            assert stack.shape[0] == 2
+            for i, pre in enumerate(batch.pres):
+                assert held(pre).untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+                assert torch.equal(held(pre), stack[i])
+
+    return check
+
+
+#: (optimizer, how its layers hold views of the joint state) per kind of batch
+JOINT = [
+    pytest.param(
+        lambda m, T: SINGD(m, structures=("diagonal", "diagonal"), T=T, lr=5e-2, lr_cov=5e-2),
+        _holds_views_of_the_concatenation,
+        id="diagonal",
+    ),
+    pytest.param(
+        lambda m, T: SINGD(m, structures=("block_diagonal(4)", "dense"), T=T, lr=5e-2, lr_cov=5e-2),
+        _rows_of(
+            StackedBatch,
+            lambda batch: batch.current()["K"]["blocks"],
+            lambda pre: pre.state.K.tensors()["blocks"],
+        ),
+        id="stacked",
+    ),
+    pytest.param(
+        lambda m, T: KFAC(m, T=T, lr=5e-2, lr_cov=5e-2, inverse_dtype=torch.float64),
+        _rows_of(KFACStack, lambda batch: batch.current()["P_K"], lambda pre: pre.state["P_K"]),
+        id="kfac",
+    ),
+]
+
+
+def _snapshot(model: nn.Module, optim: Any) -> list[torch.Tensor]:
+    """Parameters, momenta and every layer's state, cloned."""
+    tensors = [p.detach().clone() for p in model.parameters()]
+    tensors += [
+        t.clone() for p in model.parameters() for t in optim.state[p].values() if torch.is_tensor(t)
+    ]
+    return tensors + [
+        t.clone() for pre in optim.preconditioners.values() for t in pre.state_dict().values()
+    ]
+
+
+def _assert_equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("T", [1, 10], ids=["nan-at-a-refresh", "nan-at-a-plain-step"])
+@pytest.mark.parametrize(("make", "holds_views"), JOINT)
+def test_layers_hold_views_of_the_batch_and_a_non_finite_step_changes_nothing(
+    make: Any, holds_views: Any, T: int
+) -> None:
+    """A NaN input at step 1 (T=1: a refresh step, whose statistics and factor updates
+    are NaN; T=10: a plain step) is skipped: parameters, momenta and every layer's state
+    are as before, and the layers still hold views of the joint state."""
     model = _model()
-    optim = SINGD(model, structures=("block_diagonal(4)", "dense"), lr=5e-2, lr_cov=5e-2)
+    optim = make(model, T)
     loss_func = nn.CrossEntropyLoss()
     (X, y), (X_bad, _) = _batches(2)
     optim.zero_grad()
     loss_func(model(X), y).backward()
     optim.step()
-    stacks = [
-        batch
-        for pre in optim.preconditioners.values()
-        for batch in pre.batches.values()  # type: ignore[attr-defined]
-    ]
-    # the pair of convolutions and the pair of linears, nothing else
-    assert sorted(len(b.pres) for b in stacks) == [2, 2]
-    assert all(isinstance(b, StackedBatch) for b in stacks)
-    for batch in stacks:
-        blocks = batch.current()["K"]["blocks"]
-        assert blocks.shape[0] == 2
-        for i, pre in enumerate(batch.pres):
-            held = pre.state.K.tensors()["blocks"]  # type: ignore[union-attr]
-            assert held.untyped_storage().data_ptr() == blocks.untyped_storage().data_ptr()
-            assert torch.equal(held, blocks[i])
-    params = [p.detach().clone() for p in model.parameters()]
-    states = {
-        name: {k: t.clone() for k, t in pre.state_dict().items()}
-        for name, pre in optim.preconditioners.items()
-    }
+    holds_views(optim)
+    before = _snapshot(model, optim)
     X_bad[0, 0, 0, 0] = float("nan")
     optim.zero_grad()
     loss_func(model(X_bad), y).backward()
@@ -382,15 +410,51 @@ def test_equal_layers_hold_rows_of_the_stack_and_a_non_finite_step_changes_nothi
         warnings.simplefilter("always")
         optim.step()
     assert any("skipped" in str(w.message) for w in caught)
-    for p, before in zip(model.parameters(), params, strict=True):
-        assert torch.equal(p, before)
-    for name, pre in optim.preconditioners.items():
-        for key, t in pre.state_dict().items():
-            assert torch.equal(t, states[name][key]), (name, key)
+    _assert_equal(_snapshot(model, optim), before)
+    # and the next good step trains from there (the diagonal k², c² buffers were refilled)
     optim.zero_grad()
     loss_func(model(X), y).backward()
     optim.step()
-    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), params, strict=True))
+    holds_views(optim)
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize(("make", "holds_views"), JOINT)
+def test_an_exception_after_the_refresh_changes_nothing(
+    make: Any, holds_views: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception inside the step after the batches refreshed (here: in the parameter
+    updates) runs their undo: every layer's state and statistics are put back and the
+    joint state is forgotten; the retry of the step equals a run without the exception."""
+    data = _batches(3)
+    loss_func = nn.CrossEntropyLoss()
+    runs = []
+    for inject in (False, True):
+        model = _model()
+        optim = make(model, 1)
+        for step, (X, y) in enumerate(data):
+            optim.zero_grad()
+            loss_func(model(X), y).backward()
+            if inject and step == 1:
+                before = _snapshot(model, optim)
+                held = {name: pre.state for name, pre in optim.preconditioners.items()}
+                with monkeypatch.context() as patch:
+
+                    def broken(*args: Any, **kwargs: Any) -> None:
+                        raise RuntimeError("update broke")
+
+                    patch.setattr(StepPhasesMixin, "_parameter_updates", broken)
+                    with pytest.raises(RuntimeError, match="update broke"):
+                        optim.step()
+                _assert_equal(_snapshot(model, optim), before)
+                for name, pre in optim.preconditioners.items():
+                    assert pre.state is held[name], name
+                    assert pre.has_statistics(), name
+                assert all(not b.synced() for b in _joint_batches(optim))
+            optim.step()
+        holds_views(optim)
+        runs.append(_snapshot(model, optim))
+    _assert_equal(runs[1], runs[0])
 
 
 @pytest.mark.parametrize("T", [1, 2])
