@@ -431,6 +431,53 @@ def test_vs_published_plumbing_with_this_package_on_both_sides() -> None:
     assert all(line.endswith("| 0.0e+00 | 0.0e+00 |") for line in settings), settings
 
 
+def _in_git_checkout() -> bool:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True)
+    return result.returncode == 0
+
+
+@pytest.mark.skipif(not _in_git_checkout(), reason="needs the git history of a checkout")
+def test_vs_revision_interleaves_two_source_trees() -> None:
+    """benchmarks/vs_revision.py against HEAD: both workers time the same optimizers
+    (each from its own tree; the worker refuses any other), SGD is every version's
+    reference, and the paired ratios are positive numbers."""
+    argv = ["--base", "HEAD", "--scenarios", "mlp", "--optimizers", "singd"]
+    stdout = run_benchmark(
+        "vs_revision.py",
+        *argv,
+        "--structures",
+        "diagonal",
+        "--T",
+        "1",
+        "--repeats",
+        "1",
+        "--no-progress",
+    )
+    rows = {
+        cells[0]: cells[1:]
+        for line in stdout.splitlines()
+        if line.startswith("| S") and (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
+    assert set(rows) == {"SGD", "SINGD-diagonal"}, stdout
+    base_ms, this_ms, ratio, base_sgd, this_sgd = (float(c) for c in rows["SINGD-diagonal"])
+    assert base_ms > 0 and this_ms > 0 and ratio > 0
+    assert rows["SGD"][3:] == ["1.00", "1.00"]
+    sgd_base, sgd_this = float(rows["SGD"][0]), float(rows["SGD"][1])
+    assert base_sgd == pytest.approx(base_ms / sgd_base, abs=0.01)
+    assert this_sgd == pytest.approx(this_ms / sgd_this, abs=0.01)
+
+
+@pytest.mark.skipif(not _in_git_checkout(), reason="needs the git history of a checkout")
+def test_vs_revision_names_a_bad_revision() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "vs_revision.py"), "--base", "no-such-rev"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "git archive no-such-rev" in result.stderr
+
+
 def run_benchmark(script: str, *argv: str) -> str:
     """Run ``benchmarks/<script>`` in a fresh interpreter; its stdout (it must succeed)."""
     result = subprocess.run(
