@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from singd.optim.guard import StepGuard
+from benchmarks.op_count import OpCounter
+from singd.optim.guard import STACKED_COMMIT_MAX_NUMEL, STACKED_COMMIT_MIN_TENSORS, StepGuard
 from singd.optim.verdicts import Verdict, VerdictQueue
+from singd.structures import _linalg
 
 CPU = torch.device("cpu")
 
@@ -41,6 +43,47 @@ def test_one_non_finite_element_leaves_every_target_as_it_was(bad: float) -> Non
     assert not bool(guard.ok)
     assert all(torch.equal(t, torch.ones_like(t)) for t in targets.values())
     assert guard.verdict(step=7).failed() == ["b"]
+
+
+@pytest.fixture
+def branch_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit that accelerators take (``torch.where``, no host read of ``ok``)."""
+    monkeypatch.setattr(_linalg, "splits_work", lambda X: False)
+
+
+def _commit_candidates() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(old, new): enough equal small tensors for one stacked ``where``, one of another
+    shape, one above the stacking limit, one of another dtype."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3)] * STACKED_COMMIT_MIN_TENSORS + [(5,), (STACKED_COMMIT_MAX_NUMEL + 1,)]
+    new = [torch.randn(shape, generator=g) for shape in shapes]
+    new.append(torch.randn(4, 3, generator=g, dtype=torch.float64))
+    old = [torch.randn(v.shape, generator=g, dtype=v.dtype) for v in new]
+    return old, new
+
+
+@pytest.mark.parametrize("bad", [None, 0, STACKED_COMMIT_MIN_TENSORS - 1, -2, -1])
+@pytest.mark.parametrize("method", ["commit_", "select_"])
+def test_branch_free_commit_selects_equal_small_tensors_together(
+    branch_free: None, bad: int | None, method: str
+) -> None:
+    """Every tensor ends up exactly new (a finite step) or exactly old (a NaN anywhere),
+    with one ``where`` for the equal small tensors and one for each other tensor."""
+    old, new = _commit_candidates()
+    if bad is not None:
+        new[bad].view(-1)[1] = math.nan
+    guard = StepGuard(CPU)
+    guard.check("layer", new)
+    with OpCounter() as counter:
+        if method == "commit_":
+            targets = [t.clone() for t in old]
+            guard.commit_(targets, new)
+        else:
+            targets = [t.clone() for t in new]
+            guard.select_(targets, old)
+    expected = old if bad is not None else new
+    assert all(torch.equal(t, e) for t, e in zip(targets, expected, strict=True))
+    assert counter.by_name["where"] == 1 + 3
 
 
 def test_half_precision_values_are_checked_in_their_own_range() -> None:

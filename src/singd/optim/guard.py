@@ -17,7 +17,8 @@ launch-bound step cannot afford. Instead a step is *computed out of place* and
    tensor (``≤`` is False for NaN and inf), then ``all``: four operations for any
    number of tensors. The per-tensor results go to the host, which names the labels.
 4. :meth:`StepGuard.commit_` writes ``torch.where(ok, new, old)`` into each old
-   tensor (in place, one kernel per tensor, no branch on the host);
+   tensor (in place, no branch on the host; one kernel per tensor, or one stacked
+   ``where`` for many small tensors of one shape: :data:`STACKED_COMMIT_MIN_TENSORS`);
    :meth:`StepGuard.select_` does the same into the new tensors (for state that is
    replaced rather than overwritten, e.g. factor objects).
 5. :meth:`StepGuard.verdict` starts a non-blocking copy of the per-check results to
@@ -104,6 +105,48 @@ def _where_into(out: Tensor, condition: Tensor, a: Tensor, b: Tensor) -> None:
         out.copy_(torch.where(condition, a, b))
     else:
         torch.where(condition, a, b, out=out)
+
+
+#: A branch-free commit selects small tensors of one shape and dtype together when there
+#: are at least this many: ``stack`` the new and the old values, one ``where``,
+#: ``unbind`` and one ``_foreach_copy_`` (five operations, four kernels) instead of one
+#: ``where`` per tensor. So the commit of equal layers (their parameters and momentum
+#: buffers) costs operations per distinct shape, not per layer.
+STACKED_COMMIT_MIN_TENSORS = 5
+
+#: ... and at most this many numbers each: there the kernel launch, not the memory
+#: traffic, is the cost (the stacked select reads and writes each value about three
+#: times as often, and needs two stacks of scratch memory); larger tensors keep their
+#: own ``where``.
+STACKED_COMMIT_MAX_NUMEL = 1 << 16
+
+
+def _where_all_into(
+    outs: Sequence[Tensor], condition: Tensor, a: Sequence[Tensor], b: Sequence[Tensor]
+) -> None:
+    """``outs[i] ← where(condition, a[i], b[i])`` for all ``i`` (each ``outs[i]`` is
+    ``a[i]`` or ``b[i]``): groups of small tensors of one shape, dtype and device
+    through one stacked ``where`` (:data:`STACKED_COMMIT_MIN_TENSORS`), the others one
+    by one. The same values either way: ``where`` only selects."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, out in enumerate(outs):
+        small = out.numel() <= STACKED_COMMIT_MAX_NUMEL and not _linalg.tracing()
+        key = (out.shape, out.dtype, out.device) if small else ("alone", i)
+        groups.setdefault(key, []).append(i)
+    conditions: dict[torch.device, Tensor] = {}
+    for members in groups.values():
+        device = outs[members[0]].device
+        if device not in conditions:
+            conditions[device] = condition.to(device)
+        cond = conditions[device]
+        if len(members) < STACKED_COMMIT_MIN_TENSORS:
+            for i in members:
+                _where_into(outs[i], cond, a[i], b[i])
+            continue
+        selected = torch.where(
+            cond, torch.stack([a[i] for i in members]), torch.stack([b[i] for i in members])
+        )
+        torch._foreach_copy_([outs[i] for i in members], list(selected.unbind(0)))
 
 
 class StepGuard:
@@ -251,10 +294,9 @@ class StepGuard:
                 for target, value in zip(targets, new, strict=True):
                     _local(target).copy_(_local(value))
             return
-        ok = self.ok
-        for target, value in zip(targets, new, strict=True):
-            target, value = _local(target), _local(value)
-            _where_into(target, ok.to(target.device), value, target)
+        local_targets = [_local(t) for t in targets]
+        local_new = [_local(v) for v in new]
+        _where_all_into(local_targets, self.ok, local_new, local_targets)
 
     def select_(self, new: Sequence[Tensor], old: Sequence[Tensor]) -> None:
         """``new ← old`` unless :attr:`ok`: the new tensors hold the committed values.
@@ -269,14 +311,17 @@ class StepGuard:
                 for value, previous in zip(new, old, strict=True):
                     _local(value).copy_(_local(previous))
             return
-        ok = self.ok
+        values: list[Tensor] = []
+        previous_values: list[Tensor] = []
         for value, previous in zip(new, old, strict=True):
             value, previous = _local(value), _local(previous)
             if value.device.type == "cpu" and self.device.type != "cpu":
                 delta = value - previous
                 self._undo.append(_subtracting(value, delta))
             else:
-                _where_into(value, ok.to(value.device), value, previous)
+                values.append(value)
+                previous_values.append(previous)
+        _where_all_into(values, self.ok, values, previous_values)
 
     def guard_in_place(
         self,
