@@ -466,3 +466,66 @@ def test_kfac_stacked_equals_one_layer_at_a_time(T: int, monkeypatch: pytest.Mon
         _run({"T": T}, batched=True, monkeypatch=monkeypatch, **options),
         _run({"T": T}, batched=False, monkeypatch=monkeypatch, **options),
     )
+
+
+# --- statistics of equal layers: formed together at the end of each backward pass ----------
+def _static_input_run(
+    monkeypatch: pytest.MonkeyPatch, *, batched: bool, max_bytes: int | None = None
+) -> tuple[tuple[nn.Module, Any], list[int]]:
+    """Two equal Linear layers, the first reading one input buffer that is refilled in
+    place for each of two micro-batches (as pinned or CUDA-graph inputs are); returns
+    the trained (model, optimizer) and the sizes of the stacked statistics formed."""
+    from singd.optim import pending
+    from singd.preconditioners import singd as singd_module
+
+    sizes: list[int] = []
+    original = singd_module.stacked_statistics
+
+    def spy(pres, xs, gs, previous_scale):  # type: ignore[no-untyped-def]
+        sizes.append(len(pres))
+        return original(pres, xs, gs, previous_scale)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(singd_module, "stacked_statistics", spy)
+        if max_bytes is not None:
+            patch.setattr(pending, "PENDING_MAX_BYTES", max_bytes)
+        if not batched:
+            patch.setattr(SINGDPreconditioner, "batch_key", lambda self: None)
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+        ).double()
+        optim = SINGD(model, structures=("dense", "dense"), lr=5e-2, lr_cov=5e-2, T=1)
+        buffer = torch.empty(3, 8, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            optim.zero_grad()
+            for _ in range(2):
+                buffer.copy_(torch.randn(3, 8, dtype=torch.float64, generator=generator))
+                y = torch.randint(3, (3,), generator=generator)
+                (nn.functional.cross_entropy(model(buffer), y) / 2).backward()
+            optim.step()
+    return (model, optim), sizes
+
+
+def test_equal_layers_statistics_are_formed_together_per_backward_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each backward pass forms the two equal layers' statistics in one stacked
+    computation, at its end: so refilling the input buffer for the next micro-batch
+    changes nothing, and the optimizer equals one layer at a time."""
+    batched, sizes = _static_input_run(monkeypatch, batched=True)
+    alone, alone_sizes = _static_input_run(monkeypatch, batched=False)
+    assert sizes == [2] * 6 and alone_sizes == []  # (3 steps × 2 micro-batches)
+    _assert_same(batched, alone)
+
+
+def test_waiting_statistics_are_flushed_at_the_memory_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above :data:`singd.optim.pending.PENDING_MAX_BYTES` a pass is accumulated at once
+    (here every pass: a limit of 0 bytes), with the same result."""
+    limited, sizes = _static_input_run(monkeypatch, batched=True, max_bytes=0)
+    alone, _ = _static_input_run(monkeypatch, batched=False)
+    assert sizes == []  # (groups of one are accumulated by the layer itself)
+    _assert_same(limited, alone)

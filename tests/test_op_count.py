@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -126,15 +127,30 @@ def test_training_step_within_the_targets_and_step_reads_nothing_back(
     ids=lambda spec: spec.label,
 )
 def test_step_does_not_grow_with_the_number_of_equal_layers(spec: OptimizerSpec) -> None:
-    """``step()`` on 12 and 24 equal layers dispatches the same operations: the refresh
+    """12 and 24 equal layers: ``step()`` dispatches the same operations (the refresh
     and the preconditioning run once per stack of equal layers, and the commit selects
-    their parameters and momentum buffers with one stacked ``where`` per shape
-    (:data:`singd.optim.guard.STACKED_COMMIT_MIN_TENSORS`)."""
+    their parameters and momentum buffers with one stacked ``where`` per shape,
+    :data:`singd.optim.guard.STACKED_COMMIT_MIN_TENSORS`); the forward and backward
+    passes grow like SGD's plus two operations per layer (the hook's ``detach`` of the
+    input and of the output gradient), since the statistics of equal layers are formed
+    together at the end of the backward pass (:mod:`singd.optim.pending`)."""
+    deeper, shallower = _deep_mlp_counts(spec, 24), _deep_mlp_counts(spec, 12)
+    assert deeper.step == shallower.step
+    sgd = _forward_backward(_sgd_counts(24)) - _forward_backward(_sgd_counts(12))
+    assert _forward_backward(deeper) - _forward_backward(shallower) == sgd + 12 * 2
 
-    def step_ops(depth: int) -> int:
-        scenario = op_count.Scenario(
-            "mlp", lambda: op_count.deep_mlp(depth), (64,), 10, 32
-        )  # (same widths)
-        return op_count.count(scenario, spec, 1).step
 
-    assert step_ops(24) == step_ops(12)
+@functools.cache
+def _sgd_counts(depth: int) -> op_count.Counts:
+    return _deep_mlp_counts(OptimizerSpec("sgd"), depth)
+
+
+def _deep_mlp_counts(spec: OptimizerSpec, depth: int) -> op_count.Counts:
+    scenario = op_count.Scenario(
+        "mlp", lambda: op_count.deep_mlp(depth), (64,), 10, 32
+    )  # (same widths)
+    return op_count.count(scenario, spec, 1)
+
+
+def _forward_backward(counts: op_count.Counts) -> int:
+    return counts.train_step - counts.step

@@ -28,7 +28,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,12 @@ class LayerAdapter(ABC, Generic[M]):
     #: A structure the input-side factor K must have whatever the param group asks
     #: for (e.g. diagonal for embeddings, whose K spans the vocabulary), or None.
     input_structure: Structure | None = None
+
+    #: Whether the statistics of layers with equal parameter shapes and equal input and
+    #: output-gradient shapes depend on nothing else of the module (e.g. a convolution's
+    #: stride does, a Linear layer has nothing else): then those of equal layers may be
+    #: formed in one batched computation (:mod:`singd.optim.pending`).
+    statistics_need_only_shapes: ClassVar[bool] = False
 
     def __init__(self, module: M) -> None:
         self.module = module
@@ -230,7 +236,8 @@ def scaled_with_bias_column(adapter: LayerAdapter[Any], a: Tensor) -> Tensor:
     rows, features = a.shape
     root = math.sqrt(rows)  # divided, not multiplied by 1/√rows: the published rounding
     bias = adapter.parameters()[1] is not None
-    if not _linalg.splits_work(a):  # accelerators: two operations instead of six
+    if not _linalg.splits_work(a) or _linalg.tracing():  # (tracing: no out= into views)
+        # accelerators: two operations instead of six
         scaled = a / root
         return nn.functional.pad(scaled, (0, 1), value=1.0 / root) if bias else scaled
     out = a.new_empty(rows, features + bias)
@@ -248,7 +255,11 @@ def grad_output_matrix(
     scale = math.sqrt(num_loss_terms(shared, loss_average))
     if approx == "reduce":
         return shared.sum(1) * scale
-    if shared.stride(1) == 1 and shared.shape[1] > 1 and not _linalg.splits_work(shared):
+    if (
+        shared.stride(1) == 1
+        and shared.shape[1] > 1
+        and (not _linalg.splits_work(shared) or _linalg.tracing())
+    ):
         # accelerators: one fused multiply-copy (no preallocation), same numbers
         return (shared.permute(2, 0, 1) * scale).flatten(1).T
     if shared.stride(1) == 1 and shared.shape[1] > 1:

@@ -22,6 +22,8 @@ def sequence_format(t: Tensor) -> Tensor:
 class LinearAdapter(LayerAdapter[nn.Linear]):
     """Adapter for :class:`torch.nn.Linear`."""
 
+    statistics_need_only_shapes = True
+
     def factor_dims(self) -> tuple[int, int]:
         module = self.module
         return module.in_features + int(module.bias is not None), module.out_features

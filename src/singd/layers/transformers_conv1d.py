@@ -30,6 +30,8 @@ CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
 class TransformersConv1DAdapter(LayerAdapter[nn.Module]):
     """Adapter for ``transformers.pytorch_utils.Conv1D`` (weight ``[d_in, d_out]``)."""
 
+    statistics_need_only_shapes = True
+
     def factor_dims(self) -> tuple[int, int]:
         weight, bias = self.parameters()
         d_in, d_out = weight.shape

@@ -62,6 +62,7 @@ from singd.optim.checkpoint import CheckpointMixin
 from singd.optim.groups import GroupConfigs
 from singd.optim.guard import StepGuard
 from singd.optim.layer_registry import LayerGroupsMixin, LayerRegistry
+from singd.optim.pending import PendingStatistics
 from singd.optim.phases import PROFILER_LABELS, StepPhasesMixin, profiler_range
 from singd.optim.step_state import StepStateMixin
 from singd.optim.validation import (
@@ -129,6 +130,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, StepPhasesMixin, Ste
         self._preconditioners: dict[str, LayerPreconditioner] = {}
         self._groups: GroupConfigs[GroupConfig] = GroupConfigs(self._validated_config)
         self._capture = StatisticsCapture(self._is_due, self._on_statistics)
+        self._pending = PendingStatistics(self._statistics_scope)
         self._scales = GradScaleTracker(init_grad_scale)
         self._verdicts = VerdictQueue(self._describe_skip)
         self._unscaled_step: int | None = None  # the step whose gradients a scaler unscaled
@@ -218,11 +220,23 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, StepPhasesMixin, Ste
 
     def _on_statistics(self, layer_name: str, x: Tensor, grad_output: Tensor) -> None:
         pre = self._preconditioners[layer_name]
+        previous_scale = self._scales.previous(self.steps)
+        key = pre.statistics_key(x, grad_output)
+        if key is not None:  # (formed with equal layers' at the end of the backward pass)
+            self._pending.add(key, pre, x, grad_output, previous_scale)
+            return
         with autocast_disabled(), profiler_range(PROFILER_LABELS["statistics"]):
-            pre.accumulate(x, grad_output, self._scales.previous(self.steps))
+            pre.accumulate(x, grad_output, previous_scale)
+
+    @staticmethod
+    def _statistics_scope(accumulate: Callable[[], None]) -> None:
+        """How waiting statistics are accumulated (:mod:`singd.optim.pending`)."""
+        with autocast_disabled(), profiler_range(PROFILER_LABELS["statistics"]):
+            accumulate()
 
     def _before_unscale(self, scaler: torch.amp.GradScaler) -> None:
         """``scaler.unscale_(self)`` is about to check and unscale the gradients."""
+        self._pending.flush()
         self._distributor.before_unscale(self)
 
     def _after_unscale(self, scaler: torch.amp.GradScaler) -> None:
@@ -291,6 +305,7 @@ class KroneckerOptimizer(LayerGroupsMixin, CheckpointMixin, StepPhasesMixin, Ste
         return loss
 
     def _step(self) -> None:
+        self._pending.flush()  # (normally done at the end of the backward pass)
         # Earlier steps' verdicts that have reached the host (never waits): a step
         # found skipped is taken off the step counter before this one is numbered.
         corrected = self._read_verdicts()

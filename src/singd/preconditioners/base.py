@@ -8,7 +8,9 @@ deleting its entry, skipping a step clears every entry's statistics.
 Life of a preconditioner within a step ``t`` (the optimizer drives it):
 
 1. :meth:`~LayerPreconditioner.accumulate` ``(x, g)`` once per forward/backward
-   pair through the layer at refresh steps (``t % T == 0``);
+   pair through the layer at refresh steps (``t % T == 0``), or
+   :meth:`~LayerPreconditioner.accumulate_batch` for the pairs of layers with equal
+   :meth:`~LayerPreconditioner.statistics_key` at the end of the backward pass;
 2. data parallelism reduces :meth:`~LayerPreconditioner.statistics` in place (the
    live accumulator tensors) or drops them (:meth:`~LayerPreconditioner.drop_statistics`);
 3. :meth:`~LayerPreconditioner.refresh` turns the statistics into *new* state
@@ -117,6 +119,39 @@ class LayerPreconditioner(ABC):
     @abstractmethod
     def accumulate(self, x: Tensor, g: Tensor, previous_scale: float) -> None:
         r"""Add one forward/backward pair's statistics (``g`` carries :math:`\sqrt{s_{t-1}}`)."""
+
+    def statistics_key(self, x: Tensor, g: Tensor) -> Hashable | None:
+        """The key under which this pass's ``(x, g)`` may wait for those of other layers,
+        to be accumulated together (:meth:`accumulate_batch`, :mod:`singd.optim.pending`);
+        None: :meth:`accumulate` at once.
+
+        Layers wait for each other if their class batches the statistics (overrides
+        :meth:`accumulate_batch`), their :meth:`batch_key` is equal, their adapter's
+        statistics need only shapes (``statistics_need_only_shapes``: not a
+        convolution's stride, say), and ``x`` and ``g`` have equal shapes and dtypes.
+        """
+        if type(self).accumulate_batch.__func__ is LayerPreconditioner.accumulate_batch.__func__:  # type: ignore[attr-defined]
+            return None
+        if not type(self.layer.adapter).statistics_need_only_shapes or not x.is_floating_point():
+            return None
+        key = self.batch_key()
+        if key is None:
+            return None
+        shapes = (tuple(x.shape), x.dtype, tuple(g.shape), g.dtype)
+        return (type(self), key, shapes, self.plan.approx, self.plan.loss_average_name)
+
+    @classmethod
+    def accumulate_batch(
+        cls,
+        pres: Sequence[LayerPreconditioner],
+        xs: Sequence[Tensor],
+        gs: Sequence[Tensor],
+        previous_scale: float,
+    ) -> None:
+        """:meth:`accumulate` for layers with equal :meth:`statistics_key` (one pass each);
+        by default one at a time."""
+        for pre, x, g in zip(pres, xs, gs, strict=True):
+            pre.accumulate(x, g, previous_scale)
 
     @abstractmethod
     def has_statistics(self) -> bool:

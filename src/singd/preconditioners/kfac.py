@@ -100,18 +100,49 @@ class KFACPreconditioner(LayerPreconditioner):
 
     # --- statistics ------------------------------------------------------------------
     def accumulate(self, x: Tensor, g: Tensor, previous_scale: float) -> None:
+        self.add_statistics(*self.layer_statistics(x, g, previous_scale))
+
+    def layer_statistics(
+        self, x: Tensor, g: Tensor, previous_scale: float
+    ) -> tuple[Tensor, Tensor]:
+        r"""One pass's :math:`U = A^\top A`, :math:`G = G_m^\top G_m / s_{t-1}` (pure: batched
+        over equal layers by :func:`torch.vmap` in :meth:`accumulate_batch`)."""
         dtype = self.dtype_K  # (no state needed: sharded non-owners accumulate too)
         plan, layer = self.plan, self.layer
         A = input_matrix(layer.adapter, x.to(dtype), plan.approx)
         Gm = grad_output_matrix(layer.adapter, g.to(dtype), plan.approx, plan.loss_average_name)
         if previous_scale != 1.0:
             Gm = Gm / math.sqrt(previous_scale)
-        U, G = A.T @ A, Gm.T @ Gm
+        return A.T @ A, Gm.T @ Gm
+
+    def add_statistics(self, U: Tensor, G: Tensor) -> None:
+        """Add one pass's :math:`U`, :math:`G` to the accumulators."""
         if self.U is None or self.G is None:
             self.U, self.G = U, G
         else:
             self.U.add_(U)
             self.G.add_(G)
+
+    @classmethod
+    def accumulate_batch(
+        cls,
+        pres: Sequence[LayerPreconditioner],
+        xs: Sequence[Tensor],
+        gs: Sequence[Tensor],
+        previous_scale: float,
+    ) -> None:
+        """Equal layers' passes: inputs and output gradients stacked, :meth:`layer_statistics`
+        once under :func:`torch.vmap`; each layer accumulates its rows."""
+        kfac = [pre for pre in pres if isinstance(pre, KFACPreconditioner)]
+        if len(pres) == 1 or len(kfac) != len(pres):
+            return super().accumulate_batch(pres, xs, gs, previous_scale)
+        first = kfac[0]
+        U, G = torch.vmap(lambda x, g: first.layer_statistics(x, g, previous_scale))(
+            torch.stack(list(xs)), torch.stack(list(gs))
+        )
+        for pre, U_i, G_i in zip(kfac, U.unbind(0), G.unbind(0), strict=True):
+            pre.add_statistics(U_i, G_i)
+        return None
 
     def has_statistics(self) -> bool:
         return self.U is not None

@@ -41,7 +41,7 @@ from singd.preconditioners.joint import (
     layout_key,
     stackable,
 )
-from singd.preconditioners.stacked import StackedBatch
+from singd.preconditioners.stacked import StackedBatch, stacked_statistics
 from singd.structures import Diagonal, StructuredMatrix, _linalg
 
 if TYPE_CHECKING:
@@ -117,31 +117,76 @@ class SINGDPreconditioner(LayerPreconditioner):
 
     # --- statistics ------------------------------------------------------------------
     def accumulate(self, x: Tensor, g: Tensor, previous_scale: float) -> None:
-        plan, layer = self.plan, self.layer
-        approx, loss_average = plan.approx, plan.loss_average_name
-        g = g.to(self.dtype_C)
-        # The hook divides by √s_{t−1} (singd.amp): squares carry 1/s_{t−1}.
-        adapter = layer.adapter
-        if self.H_K is None:  # the first pass of this step decides the kind of statistics
+        self._choose_statistics()
+        if self.raw_statistics:
+            H_K, H_C = self.layer_statistics(None, None, x, g, previous_scale)
+        else:
+            state = self.factors()
+            H_K, H_C = self.layer_statistics(state.K, state.C, x, g, previous_scale)
+        self.add_statistics(H_K, H_C)
+
+    def _choose_statistics(self) -> None:
+        """The first pass of a step decides the kind of statistics: factor-free (sharded,
+        and diagonal batches) or projected with the current K, C."""
+        if self.H_K is None:
             key = self.batch_key()
             self.raw_statistics = self.factor_free_statistics or (
                 key is not None and key[0] == "diagonal"
             )
-        if not self.raw_statistics:
-            state = self.factors()
-            H_K = input_curvature(state.K, adapter, x, approx)
-            H_C = output_curvature(state.C, adapter, g, approx, loss_average, previous_scale)
-        else:  # factor-free (singd.functional.statistics), sandwiched at the refresh
-            x = x.to(self.dtype_K) if x.is_floating_point() else x
-            H_K = input_statistic(plan.structure_K, adapter, x, approx)
-            H_C = output_statistic(
-                plan.structure_C, adapter, g, approx, loss_average, previous_scale
-            )
+
+    def layer_statistics(
+        self,
+        K: StructuredMatrix | None,
+        C: StructuredMatrix | None,
+        x: Tensor,
+        g: Tensor,
+        previous_scale: float,
+    ) -> tuple[StructuredMatrix, StructuredMatrix]:
+        r"""One pass's :math:`H_K, H_C`: projected with ``K``, ``C``
+        (:func:`~singd.functional.statistics.input_curvature`), or factor-free if they are
+        None (:func:`~singd.functional.statistics.input_statistic`). Pure: batched over
+        equal layers by :func:`torch.vmap` (:meth:`accumulate_batch`)."""
+        plan, adapter = self.plan, self.layer.adapter
+        approx, loss_average = plan.approx, plan.loss_average_name
+        g = g.to(self.dtype_C)
+        # The hook divides by √s_{t−1} (singd.amp): squares carry 1/s_{t−1}.
+        if K is not None and C is not None:
+            H_K = input_curvature(K, adapter, x, approx)
+            H_C = output_curvature(C, adapter, g, approx, loss_average, previous_scale)
+            return H_K, H_C
+        x = x.to(self.dtype_K) if x.is_floating_point() else x
+        H_K = input_statistic(plan.structure_K, adapter, x, approx)
+        H_C = output_statistic(plan.structure_C, adapter, g, approx, loss_average, previous_scale)
+        return H_K, H_C
+
+    def add_statistics(self, H_K: StructuredMatrix, H_C: StructuredMatrix) -> None:
+        """Add one pass's :math:`H_K, H_C` to the accumulators."""
         if self.H_K is None or self.H_C is None:
             self.H_K, self.H_C = H_K, H_C
         else:
             self.H_K.add_(H_K)
             self.H_C.add_(H_C)
+
+    @classmethod
+    def accumulate_batch(
+        cls,
+        pres: Sequence[LayerPreconditioner],
+        xs: Sequence[Tensor],
+        gs: Sequence[Tensor],
+        previous_scale: float,
+    ) -> None:
+        singd = [pre for pre in pres if isinstance(pre, SINGDPreconditioner)]
+        if len(pres) == 1 or len(singd) != len(pres):
+            return super().accumulate_batch(pres, xs, gs, previous_scale)
+        for pre in singd:
+            pre._choose_statistics()
+        if len({pre.raw_statistics for pre in singd}) != 1:  # (a layer refreshed alone)
+            return super().accumulate_batch(pres, xs, gs, previous_scale)
+        for pre, (H_K, H_C) in zip(
+            singd, stacked_statistics(singd, xs, gs, previous_scale), strict=True
+        ):
+            pre.add_statistics(H_K, H_C)
+        return None
 
     def has_statistics(self) -> bool:
         return self.H_K is not None

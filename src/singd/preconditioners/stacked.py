@@ -15,9 +15,12 @@ structure and without a batched copy of its code. A structure needs nothing for 
 but operations that ``vmap`` can batch (:func:`singd.structures._linalg.tracing`
 names the three things it cannot do).
 
-The hooks accumulate the projected :math:`H_K = \hat\Pi(K^\top U K)`, :math:`H_C`
-per layer as usual (each layer's K is a view of the stack); a refresh stacks them
-(one operation per stored tensor).
+The statistics of equal layers are formed together too: a pass's input and output
+gradient wait until the end of the backward pass (:mod:`singd.optim.pending`), and
+:func:`stacked_statistics` forms the projected :math:`H_K = \hat\Pi(K^\top U K)`,
+:math:`H_C` of all of them under one :func:`torch.vmap` of the per-layer
+:meth:`~singd.preconditioners.singd.SINGDPreconditioner.layer_statistics`. Each layer
+accumulates its rows; a refresh stacks them (one operation per stored tensor).
 """
 
 from __future__ import annotations
@@ -182,3 +185,60 @@ class StackedBatch(JointStateBatch["SINGDPreconditioner"]):
             return natural_gradient(K_, C_, G)
 
         return split_directions(torch.vmap(one)(stack["K"], stack["C"], G), self.pres)
+
+
+def stacked_statistics(
+    pres: Sequence[SINGDPreconditioner],
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    previous_scale: float,
+) -> list[tuple[StructuredMatrix, StructuredMatrix]]:
+    r"""One pass's :math:`H_K, H_C` of equal layers (equal
+    :meth:`~singd.preconditioners.singd.SINGDPreconditioner.statistics_key`) at once.
+
+    The inputs and output gradients are stacked, and the per-layer
+    :meth:`~singd.preconditioners.singd.SINGDPreconditioner.layer_statistics` runs
+    once over the stacks under :func:`torch.vmap`, with the layers' K and C stacked
+    (projected statistics) or without them (factor-free): a few operations for any
+    number of layers. Returns each layer's matrices, views of the stacked results.
+    """
+    first = pres[0]
+    plan = first.plan
+    structures = {"K": plan.structure_K, "C": plan.structure_C}
+    dims = {"K": plan.d_K, "C": plan.d_C}
+    factors: StateTensors | None = None
+    if not first.raw_statistics:
+        states = [pre.factors() for pre in pres]
+        factors = {
+            side: {
+                key: torch.stack([getattr(s, side).tensors()[key] for s in states])
+                for key in getattr(states[0], side).tensors()
+            }
+            for side in ("K", "C")
+        }
+    kinds: dict[str, tuple[Structure, int]] = {}
+
+    def per_layer(
+        factors: StateTensors | None, x: Tensor, g: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        K = C = None
+        if factors is not None:
+            K = _matrix(structures["K"], dims["K"], factors["K"])
+            C = _matrix(structures["C"], dims["C"], factors["C"])
+        H_K, H_C = first.layer_statistics(K, C, x, g, previous_scale)
+        kinds["K"], kinds["C"] = (H_K.structure, H_K.dim), (H_C.structure, H_C.dim)
+        return dict(H_K.tensors()), dict(H_C.tensors())
+
+    in_dims = (None if factors is None else 0, 0, 0)
+    stacked = torch.vmap(per_layer, in_dims=in_dims)(
+        factors, torch.stack(list(xs)), torch.stack(list(gs))
+    )
+    rows = [{key: t.unbind(0) for key, t in side.items()} for side in stacked]  # (K side, C side)
+    out = []
+    for i in range(len(pres)):
+        H = [
+            _matrix(*kinds[side], {key: r[i] for key, r in keyed.items()})
+            for side, keyed in zip(("K", "C"), rows, strict=True)
+        ]
+        out.append((H[0], H[1]))
+    return out

@@ -47,7 +47,7 @@ def symmetric_gram(X: Tensor) -> Tensor:
     upper half. About :math:`\tfrac12 d^2 n` multiply-adds instead of :math:`d^2 n`.
     The result is exactly symmetric.
     """
-    if not splits_work(X):
+    if not splits_work(X) or tracing():  # (tracing: no writes into views of out)
         return symmetrized(X @ X.T)  # one product (module docstring)
     d = X.shape[0]
     out = X.new_empty(d, d)
@@ -95,7 +95,9 @@ def row_sum_of_squares(X: Tensor) -> Tensor:
     d, n = X.shape
     # chunk sums are accumulated in at least float32 (half precision would lose them)
     accumulate = torch.float32 if X.dtype in (torch.float16, torch.bfloat16) else X.dtype
-    step = max(1, _ROW_NORM_CHUNK // max(d, 1)) if splits_work(X) else max(n, 1)
+    if not splits_work(X) or tracing():  # one reduction (vmap: no += into a zeros tensor)
+        return X.square().sum(1, dtype=accumulate).to(X.dtype)
+    step = max(1, _ROW_NORM_CHUNK // max(d, 1))
     out = torch.zeros(d, dtype=accumulate, device=X.device)
     for start in range(0, n, step):
         out += X[:, start : start + step].square().sum(1, dtype=accumulate)

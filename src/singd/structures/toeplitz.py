@@ -139,7 +139,8 @@ def subdiagonal_sums(M: Tensor) -> Tensor:
     d = M.shape[0]
     rows, cols = torch.tril_indices(d, d, device=M.device)
     sums = torch.zeros(d, dtype=torch.float64, device=M.device)
-    return sums.index_add_(0, rows - cols, M[rows, cols].to(torch.float64))
+    # (out of place: vmap cannot add a batch of sums into one zeros tensor in place)
+    return sums.index_add(0, rows - cols, M[rows, cols].to(torch.float64))
 
 
 def toeplitz_matmat(t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
