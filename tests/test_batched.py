@@ -529,3 +529,32 @@ def test_waiting_statistics_are_flushed_at_the_memory_limit(
     alone, _ = _static_input_run(monkeypatch, batched=False)
     assert sizes == []  # (groups of one are accumulated by the layer itself)
     _assert_same(limited, alone)
+
+
+@pytest.mark.parametrize("structures", [("diagonal", "diagonal"), ("dense", "dense")])
+def test_layers_with_equal_shapes_of_input_and_gradient_but_not_of_parameters(
+    structures: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linear(8, 8) with and without a bias see inputs and output gradients of the same
+    shapes: their statistics must not be formed as one group (their K differ in size)."""
+
+    def run(batched: bool) -> tuple[nn.Module, Any]:
+        with monkeypatch.context() as patch:
+            if not batched:
+                patch.setattr(SINGDPreconditioner, "batch_key", lambda self: None)
+            torch.manual_seed(0)
+            layers: list[nn.Module] = []
+            for bias in (True, False, True, False, True):
+                layers += [nn.Linear(8, 8, bias=bias), nn.Tanh()]
+            model = nn.Sequential(*layers, nn.Linear(8, 3)).double()
+            optim = SINGD(model, structures=structures, lr=5e-2, lr_cov=5e-2, T=1)
+            generator = torch.Generator().manual_seed(3)
+            for _ in range(3):
+                X = torch.randn(4, 8, dtype=torch.float64, generator=generator)
+                y = torch.randint(3, (4,), generator=generator)
+                optim.zero_grad()
+                nn.functional.cross_entropy(model(X), y).backward()
+                optim.step()
+        return model, optim
+
+    _assert_same(run(batched=True), run(batched=False))

@@ -126,19 +126,25 @@ class LayerPreconditioner(ABC):
         None: :meth:`accumulate` at once.
 
         Layers wait for each other if their class batches the statistics (overrides
-        :meth:`accumulate_batch`), their :meth:`batch_key` is equal, their adapter's
-        statistics need only shapes (``statistics_need_only_shapes``: not a
-        convolution's stride, say), and ``x`` and ``g`` have equal shapes and dtypes.
+        :meth:`accumulate_batch`), their :meth:`batch_key`, adapter class and parameter
+        shapes and dtypes are equal, their adapter's statistics need only shapes
+        (``statistics_need_only_shapes``: not a convolution's stride, say), and ``x`` and
+        ``g`` have equal shapes and dtypes.
         """
         if type(self).accumulate_batch.__func__ is LayerPreconditioner.accumulate_batch.__func__:  # type: ignore[attr-defined]
             return None
-        if not type(self.layer.adapter).statistics_need_only_shapes or not x.is_floating_point():
+        adapter = type(self.layer.adapter)
+        if not adapter.statistics_need_only_shapes or not x.is_floating_point():
             return None
         key = self.batch_key()
         if key is None:
             return None
+        # (a batch key need not fix the parameters: diagonal batches take any sizes, and
+        # a Linear layer's x and g do not tell whether it has a bias)
+        params = tuple((tuple(p.shape), p.dtype) for p in self.layer.params)
         shapes = (tuple(x.shape), x.dtype, tuple(g.shape), g.dtype)
-        return (type(self), key, shapes, self.plan.approx, self.plan.loss_average_name)
+        plan = self.plan
+        return (type(self), adapter, key, params, shapes, plan.approx, plan.loss_average_name)
 
     @classmethod
     def accumulate_batch(
