@@ -12,6 +12,7 @@ Inductor.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
+from singd.optim.fallback import register_fallback
 from tests.conftest import HAS_CUDA
 from tests.tolerances import assert_close
 
@@ -141,13 +143,29 @@ def _train_live(
         scheduler.step()
 
 
-@pytest.mark.parametrize(("name", "fallback"), [("diagonal", "adamw"), ("ingd", "sgd")])
+def _decayed_sign_sgd(
+    params: list[torch.Tensor], grads: list[torch.Tensor], states: Any, config: Any, lr: Any
+) -> None:
+    """A fallback rule of the user's, written for a float ``lr`` (the guide's sign SGD,
+    with decoupled weight decay): arithmetic of ``lr`` and ``alpha=lr``."""
+    for p, g in zip(params, grads, strict=True):
+        p.mul_(1 - lr * config.weight_decay)
+        p.add_(g.sign(), alpha=-lr)
+
+
+@pytest.mark.parametrize(
+    ("name", "fallback"), [("diagonal", "adamw"), ("ingd", "sgd"), ("diagonal", "registered")]
+)
 def test_schedules_and_a_changing_grad_scale_do_not_recompile(name: str, fallback: str) -> None:
     """An LR scheduler, an ``lr_cov`` schedule and a ``GradScaler`` whose scale doubles
     every step (``growth_interval=1``) and halves at an inf step change ``lr``,
     β₁, the gradient scale and :math:`u` at every step; they enter the compiled step
     as device scalars, so after the warm-up nothing recompiles, and the run (two
-    micro-batches per step, a LayerNorm trained by the fallback rule) equals eager."""
+    micro-batches per step, a LayerNorm trained by the fallback rule: AdamW, SGD, or
+    one registered with ``register_fallback``, which gets the tensor ``lr`` too)
+    equals eager."""
+    if fallback == "registered":  # (removed after the test: tests/conftest.py)
+        register_fallback(fallback, _decayed_sign_sgd)
 
     def setup() -> tuple[nn.Module, Any, torch.amp.GradScaler, Any]:
         torch.manual_seed(0)
@@ -161,6 +179,7 @@ def test_schedules_and_a_changing_grad_scale_do_not_recompile(name: str, fallbac
             lr=0.1,
             lr_cov=lambda step: 0.1 / (1 + step),
             momentum=0.5,
+            weight_decay=1e-2,
             fallback=fallback,
             **kwargs,
         )
@@ -187,6 +206,42 @@ def test_schedules_and_a_changing_grad_scale_do_not_recompile(name: str, fallbac
     assert optim.steps == eager.steps == 7
     assert optim.param_groups[0]["lr"] == eager.param_groups[0]["lr"] != 0.1
     for got, want in zip(_all_state(model, optim), _all_state(eager_model, eager), strict=True):
+        assert_close(got, want)
+
+
+def test_a_rule_registered_for_a_float_lr_gets_a_float_when_compiled() -> None:
+    """A rule that needs ``lr`` as a Python float is registered with ``tensor_lr=False``;
+    the compiled step passes it the group's float (recompiling as ``lr`` changes) and
+    equals eager."""
+
+    def sqrt_sgd(
+        params: list[torch.Tensor], grads: list[torch.Tensor], states: Any, config: Any, lr: Any
+    ) -> None:
+        assert isinstance(lr, float), type(lr)  # (checked while Dynamo traces the rule)
+        for p, g in zip(params, grads, strict=True):
+            p.add_(g, alpha=-math.sqrt(lr))
+
+    register_fallback("sqrt-sgd", sqrt_sgd, tensor_lr=False)
+
+    def run(compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+        model = model.double()
+        optim: Any = SINGD(
+            model, structures=("diagonal", "diagonal"), T=2, lr=0.1, fallback="sqrt-sgd"
+        )
+        if compiled:
+            torch_dynamo.reset()
+            optim.compile(backend="aot_eager")
+        scheduler = torch.optim.lr_scheduler.StepLR(optim, 1, gamma=0.8)
+        for X, y in _data(3):
+            optim.zero_grad()
+            nn.functional.cross_entropy(model(X), y).backward()
+            optim.step()
+            scheduler.step()
+        return _all_state(model, optim)
+
+    for got, want in zip(run(compiled=True), run(compiled=False), strict=True):
         assert_close(got, want)
 
 

@@ -14,6 +14,20 @@ A new rule is a function plus :func:`register_fallback`::
 
     register_fallback("signsgd", sign_sgd)
     SINGD(model, fallback="signsgd")
+
+**The learning rate** is the group's ``lr`` as it is: a Python float in an eager
+step; in a compiled step (:meth:`~singd.optim.phases.StepPhasesMixin.compile`) a 0-d
+tensor on the parameters' device (:mod:`singd.functional.scalars`), so that an LR
+scheduler does not recompile the step. Arithmetic, torch operations and the
+``alpha=`` / ``value=`` arguments of ``add_``, ``add``, ``addcmul_``, ``addcdiv_`` and
+``torch._foreach_add_`` take it as they take a float (``torch.compile`` turns them
+into a multiply-add). ``float(lr)``, ``math`` functions of it and branching on its
+value read it back to the host, which ``torch.compile`` may refuse (so does
+``sub_(…, alpha=lr)``) and which stalls a GPU. A rule that needs a float is registered
+with ``tensor_lr=False``: it gets ``lr`` as a float in the compiled step too, and a
+changing ``lr`` then recompiles the step. (The built-in rules round a bfloat16 or
+float16 parameter's update as eagerly, :func:`singd.functional.scalars.minus_scaled`;
+a rule of the user's rounds as its operations do on a tensor ``lr``.)
 """
 
 from __future__ import annotations
@@ -32,8 +46,10 @@ from singd.functional.scalars import Scalar
 if TYPE_CHECKING:
     from singd.config import GroupConfig
 
+#: ``rule(params, grads, states, config, lr)``; ``lr`` is a float, or a 0-d tensor in a
+#: compiled step (module docstring).
 FallbackRule = Callable[
-    [list[Tensor], list[Tensor], list[dict[str, Tensor]], "GroupConfig", float], None
+    [list[Tensor], list[Tensor], list[dict[str, Tensor]], "GroupConfig", Scalar], None
 ]
 
 
@@ -79,42 +95,55 @@ _FALLBACKS: dict[str, FallbackRule] = {
     Fallback.SGD.value: sgd_rule,
 }
 
-
-#: The rules that also take ``lr`` as a 0-d tensor (the compiled step's, where a float
-#: would recompile the graph whenever a scheduler changes it).
-_TENSOR_LR_RULES: frozenset[FallbackRule] = frozenset(_FALLBACKS.values())
+#: The names of the rules registered with ``tensor_lr=False`` (a float ``lr`` always).
+_FLOAT_LR: set[str] = set()
 
 
-def takes_tensor_lr(rule: FallbackRule) -> bool:
-    """Whether ``rule`` accepts ``lr`` as a 0-d tensor (the built-in rules); a
-    registered rule is given a float, as its signature says."""
-    return rule in _TENSOR_LR_RULES
+def takes_tensor_lr(name: str) -> bool:
+    """Whether the rule registered as ``name`` gets ``lr`` as a 0-d tensor in a compiled
+    step (every rule but those registered with ``tensor_lr=False``)."""
+    return name not in _FLOAT_LR
 
 
-def register_fallback(name: str, rule: FallbackRule) -> None:
-    """Make ``fallback=name`` train the parameters without factors with ``rule``."""
+def register_fallback(name: str, rule: FallbackRule, *, tensor_lr: bool = True) -> None:
+    """Make ``fallback=name`` train the parameters without factors with ``rule``.
+
+    Args:
+        name: The value of ``fallback`` that selects the rule.
+        rule: ``rule(params, grads, states, config, lr)``, updating ``params`` in place.
+        tensor_lr: Whether ``lr`` may be a 0-d tensor in a compiled step (the default;
+            module docstring). False: ``rule`` gets a float there too, and a changing
+            ``lr`` recompiles the step.
+    """
     if not isinstance(name, str) or not name:
         raise TypeError(f"A fallback rule's name must be a non-empty string, got {name!r}.")
     if not callable(rule):
         raise TypeError(f"A fallback rule must be callable, got {rule!r}.")
     _FALLBACKS[name] = rule
+    if tensor_lr:
+        _FLOAT_LR.discard(name)
+    else:
+        _FLOAT_LR.add(name)
 
 
 def unregister_fallback(name: str) -> None:
     """Remove a rule added with :func:`register_fallback` (no-op if absent)."""
     if name not in (m.value for m in Fallback):
         _FALLBACKS.pop(name, None)
+        _FLOAT_LR.discard(name)
 
 
 @contextlib.contextmanager
 def scoped_registration() -> Iterator[None]:
     """Fallback rules registered inside the ``with`` block are removed at its end."""
-    rules = dict(_FALLBACKS)
+    rules, float_lr = dict(_FALLBACKS), set(_FLOAT_LR)
     try:
         yield
     finally:
         _FALLBACKS.clear()
         _FALLBACKS.update(rules)
+        _FLOAT_LR.clear()
+        _FLOAT_LR.update(float_lr)
 
 
 def available_fallbacks() -> tuple[str | None, ...]:

@@ -138,9 +138,10 @@ class StepPhasesMixin:
         scheduler, an ``lr_cov`` schedule and a changing gradient scale do not
         recompile (:meth:`_step_scalars`). Other group settings (``momentum``,
         ``weight_decay``, ``T``, ...) are constants of the graph: editing one
-        recompiles. A fallback rule registered with
-        :func:`~singd.optim.fallback.register_fallback` gets ``lr`` as a float (its
-        contract), so with one a changing ``lr`` recompiles.
+        recompiles. Fallback rules get ``lr`` as that tensor too, also those registered
+        with :func:`~singd.optim.fallback.register_fallback`, except one registered
+        with ``tensor_lr=False``: it gets a float, so with it a changing ``lr``
+        recompiles.
 
         Data parallelism: with replicated factors (``distributed="replicated"``, the
         default behind ``DistributedDataParallel``) the reductions run on the host
@@ -372,9 +373,8 @@ class StepPhasesMixin:
                 guard.check_squares(name, [g])
             rule = find_fallback(config.fallback)
             states = [self.state[p] for p in params]
-            # (a registered rule gets a float, its contract; the built-in ones a tensor
-            # in the compiled step)
-            lr = lrs[index] if takes_tensor_lr(rule) else group["lr"]
+            # (a tensor in the compiled step, but for a rule registered for floats only)
+            lr = lrs[index] if takes_tensor_lr(config.fallback) else group["lr"]
 
             def update(
                 rule: Any = rule,
