@@ -24,7 +24,7 @@ from torch import nn
 from singd import KFAC, SINGD
 from singd.optim.fallback import register_fallback
 from tests.conftest import HAS_CUDA
-from tests.tolerances import assert_close
+from tests.tolerances import COMPILED_BF16_DIFFERING, assert_close
 
 torch_dynamo = pytest.importorskip("torch._dynamo")
 
@@ -243,6 +243,56 @@ def test_a_rule_registered_for_a_float_lr_gets_a_float_when_compiled() -> None:
 
     for got, want in zip(run(compiled=True), run(compiled=False), strict=True):
         assert_close(got, want)
+
+
+@pytest.mark.parametrize(("name", "fallback"), [("diagonal", "sgd"), ("diagonal", "adamw")])
+def test_bf16_parameters_round_as_eager(name: str, fallback: str) -> None:
+    """bfloat16 parameters, ``lr`` scheduled: the compiled step's tensor η rounds μ − ηΔ
+    as eager's ``alpha=η`` does (:func:`singd.functional.scalars.minus_scaled`), for the
+    Kronecker layers and the fallback rule (SGD: the same function; AdamW: float32
+    arithmetic), within :data:`~tests.tolerances.COMPILED_BF16_DIFFERING` and the
+    bfloat16 round-off of the table."""
+
+    def run(compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(  # (every tensor a multiple of 64 elements: the tolerance)
+            nn.Linear(8, 64),
+            nn.LayerNorm(64),
+            nn.Tanh(),
+            nn.Linear(64, 64),
+            nn.Tanh(),
+            nn.Linear(64, 64),
+        ).to(torch.bfloat16)
+        cls, kwargs = CONFIGS[name]
+        optim: Any = cls(  # type: ignore[call-arg]
+            model,
+            T=2,
+            lr=0.05,
+            lr_cov=0.05,
+            momentum=0.5,
+            weight_decay=1e-2,
+            fallback=fallback,
+            **kwargs,
+        )
+        if compiled:
+            torch_dynamo.reset()
+            optim.compile(backend="aot_eager")
+        scheduler = torch.optim.lr_scheduler.StepLR(optim, 1, gamma=0.8)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):  # refresh, plain, refresh with momenta, plain
+            X = torch.randn(32, 8, generator=generator).to(torch.bfloat16)
+            y = torch.randint(64, (32,), generator=generator)
+            optim.zero_grad()
+            nn.functional.cross_entropy(model(X).float(), y).backward()
+            optim.step()
+            scheduler.step()
+        return _all_state(model, optim)
+
+    got, want = run(compiled=True), run(compiled=False)
+    differing = sum(int((a != b).sum()) for a, b in zip(got, want, strict=True))
+    assert differing <= COMPILED_BF16_DIFFERING * sum(t.numel() for t in want)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
 
 
 def _all_state(model: nn.Module, optim: Any) -> list[torch.Tensor]:

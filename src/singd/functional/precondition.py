@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from singd.functional.scalars import Scalar
+from singd.functional.scalars import Scalar, minus_scaled
 from singd.structures.base import StructuredMatrix
 from singd.structures.dense import DenseMatrix
 from singd.structures.diagonal import DiagonalMatrix
@@ -103,7 +103,7 @@ def apply_parameter_step(
         torch._foreach_add_(buffers, directions)
         directions = buffers
     if isinstance(lr, Tensor):  # (a compiled step's device scalar: alpha= takes numbers)
-        torch._foreach_sub_(params, torch._foreach_mul(directions, lr))
+        torch._foreach_copy_(params, minus_scaled(params, directions, lr))
     else:
         torch._foreach_add_(params, directions, alpha=-lr)
 
@@ -150,9 +150,7 @@ def parameter_step(
         torch._foreach_add_(scaled, directions)
         new_buffers = list(scaled)
         directions = new_buffers
-    if isinstance(lr, Tensor):  # (a compiled step's device scalar: alpha= takes numbers)
-        return list(torch._foreach_sub(params, torch._foreach_mul(directions, lr))), new_buffers
-    return list(torch._foreach_add(params, directions, alpha=-lr)), new_buffers
+    return minus_scaled(params, directions, lr), new_buffers
 
 
 def kl_clip_factor(kl_terms: list[Tensor], *, lr: Scalar, kl_clip: float) -> Tensor:
