@@ -159,23 +159,30 @@ def compare(
 
 def table(results: dict[int, dict[str, dict[str, float]]]) -> str:
     """One Markdown table: per optimizer, per T, both versions and this ÷ base."""
-    header = ["optimizer"]
-    for T in results:
-        header += [f"base ms T={T}", f"this ms T={T}", f"this÷base T={T}"]
-        header += [f"base ×SGD T={T}", f"this ×SGD T={T}"]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
-    ]
-    labels = list(next(iter(results.values())))
-    for label in labels:
-        cells = [label]
-        for rows in results.values():
-            row, sgd = rows[label], rows["SGD"]
-            cells += [f"{row['base']:.2f}", f"{row['this']:.2f}", f"{row['ratio']:.2f}"]
-            cells += [f"{row['base'] / sgd['base']:.2f}", f"{row['this'] / sgd['this']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from singd.cli.report import Column, markdown_table
+
+    columns = [Column("optimizer", "optimizer")]
+    rows: dict[str, dict[str, object]] = {}
+    for T, by_label in results.items():
+        columns += [
+            Column(f"base_T{T}", f"base ms T={T}", ".2f"),
+            Column(f"this_T{T}", f"this ms T={T}", ".2f"),
+            Column(f"ratio_T{T}", f"this÷base T={T}", ".2f"),
+            Column(f"base_sgd_T{T}", f"base ×SGD T={T}", ".2f"),
+            Column(f"this_sgd_T{T}", f"this ×SGD T={T}", ".2f"),
+        ]
+        sgd = by_label["SGD"]
+        for label, row in by_label.items():
+            rows.setdefault(label, {"optimizer": label}).update(
+                {
+                    f"base_T{T}": row["base"],
+                    f"this_T{T}": row["this"],
+                    f"ratio_T{T}": row["ratio"],
+                    f"base_sgd_T{T}": row["base"] / sgd["base"],
+                    f"this_sgd_T{T}": row["this"] / sgd["this"],
+                }
+            )
+    return markdown_table(list(rows.values()), columns)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -212,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["--worker"]:
         return worker(Path(sys.argv[2]))
     args = parse_args(argv)
+    # (imported here: a worker must import singd and step_time from its own tree)
+    from step_time import _shown_arguments
+
     from singd.cli.optimizers import every_structure
 
     commit = subprocess.run(
@@ -223,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "1 CPU thread per version, one version at a time, rounds of 10 steps interleaved "
         f"(ABBA), {args.repeats} rounds each after 1 warm-up; this÷base = median of the "
         "paired per-round ratios; SGD's is the control. Produced by `python "
-        "benchmarks/vs_revision.py " + " ".join(a for a in _shown(argv)) + "`.",
+        "benchmarks/vs_revision.py " + " ".join(_shown_arguments(argv)) + "`.",
     ]
     families = args.optimizers
     structures = args.structures if args.structures is not None else every_structure()
@@ -249,14 +259,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.write_text(report)
     return 0
-
-
-def _shown(argv: Sequence[str] | None) -> list[str]:
-    args = list(argv if argv is not None else sys.argv[1:])
-    if "--out" in args:
-        i = args.index("--out")
-        del args[i : i + 2]
-    return args
 
 
 if __name__ == "__main__":
