@@ -5,10 +5,13 @@
 * ``dtype``: the floating dtypes the optimizers train in.
 * Every test runs inside the ``scoped_registration()`` of the structure, layer-adapter
   and fallback-rule registries, so what a test registers does not leak into others.
+* Under pytest-xdist (the default run has 2 workers, ``pyproject.toml``) each worker
+  computes on one thread, so the workers do not oversubscribe the cores.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +22,14 @@ from singd.optim.fallback import scoped_registration as scoped_fallbacks
 from singd.structures import scoped_registration as scoped_structures
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread per xdist worker: the workers already use the cores, and
+    more threads than cores slow every worker down (the tests' tensors are small)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
 
 #: ``pytest.param`` of every device; CUDA is skipped without a GPU.
 DEVICES = [
