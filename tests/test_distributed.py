@@ -39,10 +39,6 @@ from tests.cases import OPTIMIZER_CASES
 from tests.helpers import TransformerBlock
 from tests.tolerances import TRAJECTORY_FLOAT32
 
-#: Under pytest-xdist every test of this module runs on one worker, which spawns the
-#: ranks of the module fixture once (spread over workers, each would spawn them again).
-pytestmark = pytest.mark.xdist_group("distributed")
-
 WORLD = 2
 BATCH = 8  # full batch; each rank gets BATCH // WORLD rows
 STEPS = 4

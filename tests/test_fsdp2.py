@@ -37,10 +37,6 @@ from torch import nn
 from singd import KFAC, SINGD
 from tests.tolerances import MIXED_PRECISION_BF16, TOLERANCES, TRAJECTORY_FLOAT32
 
-#: Under pytest-xdist every test of this module runs on one worker, which spawns the
-#: ranks of the module fixture once (spread over workers, each would spawn them again).
-pytestmark = pytest.mark.xdist_group("fsdp2")
-
 BATCH = 8  # full batch; each of R ranks gets BATCH // R rows
 STEPS = 3
 HYPER: dict[str, Any] = {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-2, "T": 1}
