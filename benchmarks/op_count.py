@@ -33,7 +33,10 @@ pipeline. Both are deterministic and can be counted on a CPU
 Scenarios (the issue's): ``cnn`` — a VGG-style CNN, 3×3 convolutions 3→32→32,
 max-pool, 32→64→64, max-pool, 64→128, max-pool, Linear 2048→256→100 with ReLUs, on
 3×32×32 inputs, batch 32; ``mlp24`` — 24 ``Linear(64, 64)`` layers each followed by
-tanh, then a ``Linear(64, 10)`` read-out, batch 32. Cross-entropy loss, random inputs and labels.
+tanh, then a ``Linear(64, 10)`` read-out, batch 32; ``resnet8`` (not the issue's: a
+model with equal convolutions) — a 3×3 convolution 3→16, 8 residual blocks of two
+equal 3×3 convolutions 16→16 (ReLU, no batch normalisation), global average pooling,
+``Linear(16, 10)``, on 3×16×16 inputs, batch 32. Cross-entropy loss, random inputs and labels.
 
 For each optimizer (SGD with momentum, AdamW, KFAC, IKFAC, INGD = SINGD-dense and
 SINGD with every other structure) and refresh interval ``T``: after ``--warmup``
@@ -139,6 +142,34 @@ def deep_mlp(depth: int = 24, width: int = 64, num_classes: int = 10) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
+class ResidualBlock(nn.Module):
+    """``relu(x + conv(relu(conv(x))))`` with two equal 3×3 convolutions (a ResNet basic
+    block without batch normalisation)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+def resnet_stage(blocks: int = 8, width: int = 16, num_classes: int = 10) -> nn.Sequential:
+    """A 3×3 convolution 3→``width``, ``blocks`` residual blocks of two equal 3×3
+    convolutions ``width``→``width`` (:class:`ResidualBlock`), global average pooling
+    and a ``Linear(width, num_classes)`` read-out: a residual stage's many equal
+    convolutions."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.ReLU(),
+        *[ResidualBlock(width) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, num_classes),
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     "cnn": Scenario(
         "VGG-style CNN (conv 3→32→32, pool, 32→64→64, pool, 64→128, pool, "
@@ -150,6 +181,14 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "mlp24": Scenario(
         "24 layers Linear(64, 64) + tanh, then Linear(64, 10), batch 32", deep_mlp, (64,), 10, 32
+    ),
+    "resnet8": Scenario(
+        "conv 3→16, 8 residual blocks of two 3×3 conv 16→16 (ReLU, no batch norm), "
+        "global average pool, Linear(16, 10) on 3×16×16 inputs, batch 32",
+        resnet_stage,
+        (3, 16, 16),
+        10,
+        32,
     ),
 }
 

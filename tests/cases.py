@@ -54,7 +54,7 @@ CONTRACTS = frozenset(
 SUITES = CONTRACTS | {"oracle", "distributed", "amp"}
 #: The oracle suite's problems (models of ``tests/test_oracle.py``).
 ORACLE_PROBLEMS = frozenset(
-    {"mlp", "mlp_repeated", "seq", "conv_strided", "conv_same", "conv_modes"}
+    {"mlp", "mlp_repeated", "seq", "conv_strided", "conv_same", "conv_modes", "conv_repeated"}
 )
 
 #: Hyper-parameters every case starts from (a few steps on the test CNN move far enough).
@@ -413,6 +413,30 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
         },
         ORACLE,
         problem="conv_strided",
+    ),
+    # equal convolutions: statistics formed together (and convolutions of equal shapes
+    # but other geometry, which must not be)
+    OptimizerCase("ingd-conv_repeated-expand", SINGD, {}, ORACLE, problem="conv_repeated"),
+    OptimizerCase(
+        "ikfac-conv_repeated-reduce",
+        SINGD,
+        {"kfac_like": True, "alpha1": 0.0, "kfac_approx": "reduce"},
+        ORACLE,
+        problem="conv_repeated",
+    ),
+    OptimizerCase(
+        "singd-conv_repeated-diag-diag",
+        SINGD,
+        {"structures": ("diagonal", "diagonal")},
+        ORACLE,
+        problem="conv_repeated",
+    ),
+    OptimizerCase(
+        "kfac-conv_repeated-reduce",
+        KFAC,
+        {"kfac_approx": "reduce"},
+        ORACLE,
+        problem="conv_repeated",
     ),
     OptimizerCase("kfac-mlp-expand-T1", KFAC, {}, ORACLE, problem="mlp"),
     OptimizerCase("kfac-mlp_repeated-T2", KFAC, {"T": 2}, ORACLE, problem="mlp_repeated"),

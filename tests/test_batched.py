@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -558,3 +559,150 @@ def test_layers_with_equal_shapes_of_input_and_gradient_but_not_of_parameters(
         return model, optim
 
     _assert_same(run(batched=True), run(batched=False))
+
+
+# --- statistics of equal convolutions: grouped by their geometry ----------------------------
+#: (stride, padding, dilation, padding_mode) of the branches of :class:`_Branches`: on a
+#: 14-wide input every one maps to 3 output positions per dimension with a 3-wide kernel,
+#: so their inputs and output gradients have equal shapes. Equal geometries (A, C) group;
+#: each other branch differs from one of them in one attribute only (B from A in the
+#: stride, C from B in the padding, D from C in the padding mode, E from A in the
+#: dilation): grouped with it, its statistics would be formed with the wrong geometry.
+BRANCHES = {
+    "A1": (4, 0, 1, "zeros"),
+    "A2": (4, 0, 1, "zeros"),
+    "B": (5, 0, 1, "zeros"),
+    "C1": (5, 1, 1, "zeros"),
+    "C2": (5, 1, 1, "zeros"),
+    "D": (5, 1, 1, "reflect"),
+    "E": (4, 0, 2, "zeros"),
+}
+
+
+class _Branches(nn.Module):
+    """``Σ tanh(conv(x))`` over the convolutions of :data:`BRANCHES` (one input)."""
+
+    def __init__(self, conv: type[nn.Module], channels: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleDict(
+            {
+                name: conv(channels, channels, 3, stride=s, padding=p, dilation=d, padding_mode=m)
+                for name, (s, p, d, m) in BRANCHES.items()
+            }
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum((torch.tanh(c(x)) for c in self.convs.values()), torch.zeros(()))
+
+
+#: Input sizes per number of spatial dimensions: 14 wide (3 output positions in each
+#: branch), and 5 wide (one output position in each branch) in the last two of three, to
+#: keep the test cheap.
+CONV_INPUTS = {1: (14,), 2: (14, 14), 3: (14, 5, 5)}
+
+
+def _conv_model(dim: int) -> nn.Sequential:
+    """A convolution, three equal ones (a residual stage's), two equal depthwise ones
+    (whose inputs and output gradients have the shapes of the three), then the branches of one
+    input whose inputs and output gradients have equal shapes but whose geometries
+    differ (:data:`BRANCHES`), and a linear read-out; on ``[B, 2, *CONV_INPUTS[dim]]``
+    inputs."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    outputs = math.prod(3 if n == 14 else 1 for n in CONV_INPUTS[dim])
+    torch.manual_seed(0)
+    return nn.Sequential(
+        conv(2, 3, 3, padding=1),
+        nn.Tanh(),
+        *[m for _ in range(3) for m in (conv(3, 3, 3, padding=1), nn.Tanh())],
+        *[m for _ in range(2) for m in (conv(3, 3, 3, padding="same", groups=3), nn.Tanh())],
+        _Branches(conv, 3),
+        nn.Flatten(),
+        nn.Linear(3 * outputs, 4),
+    ).double()
+
+
+#: The statistics groups of one pass of :func:`_conv_model`: the three equal
+#: convolutions, the two depthwise ones, A1 with A2, C1 with C2; every other layer alone.
+CONV_GROUPS = [2, 2, 2, 3]
+
+CONV_OPTIMIZERS = {
+    "diagonal": {"structures": ("diagonal", "diagonal")},
+    "INGD": {"structures": ("dense", "dense")},
+    "dense-diagonal": {"structures": ("dense", "diagonal")},
+    "hierarchical-block": {"structures": ("hierarchical(2, 3)", "block_diagonal(2)")},
+    "IKFAC": {"structures": ("dense", "dense"), "kfac_like": True, "alpha1": 0.0},
+    "KFAC": {},
+}
+
+
+def _conv_run(
+    dim: int, name: str, approx: str, *, grouped: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[tuple[nn.Module, Any], list[list[int]]]:
+    """Two steps of :func:`_conv_model`; returns the trained (model, optimizer) and
+    the sizes of the statistics groups of every backward pass."""
+    from singd.optim.pending import PendingStatistics
+    from singd.preconditioners.base import LayerPreconditioner
+
+    groups: list[list[int]] = []
+    flush = PendingStatistics.flush
+
+    def spy(self: PendingStatistics) -> None:
+        sizes = sorted(len(w) for w in self._waiting.values() if len(w) > 1)
+        if sizes:
+            groups.append(sizes)
+        flush(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PendingStatistics, "flush", spy)
+        if not grouped:
+            patch.setattr(LayerPreconditioner, "statistics_key", lambda self, x, g: None)
+        model = _conv_model(dim)
+        options = {"lr": 5e-2, "lr_cov": 5e-2, "damping": 1e-3, "T": 1, "kfac_approx": approx}
+        kwargs = {**options, **CONV_OPTIMIZERS[name]}
+        if name == "KFAC":
+            optim: Any = KFAC(model, inverse_dtype=torch.float64, **kwargs)  # type: ignore[arg-type]
+        else:
+            optim = SINGD(model, **kwargs)  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(4)
+        for _ in range(2):
+            X = torch.randn(3, 2, *CONV_INPUTS[dim], dtype=torch.float64, generator=generator)
+            y = torch.randint(4, (3,), generator=generator)
+            optim.zero_grad()
+            nn.functional.cross_entropy(model(X), y).backward()
+            optim.step()
+    return (model, optim), groups
+
+
+#: (dimensions, optimizer, KFAC approximation): every optimizer on Conv2d; on Conv1d and
+#: Conv3d the paths that differ by dimension (the expand matrix without F.unfold, the
+#: patch sums of a diagonal K and of reduce).
+CONV_CASES = [
+    *[(2, name, approx) for name in CONV_OPTIMIZERS for approx in ("expand", "reduce")],
+    *[(dim, *case) for dim in (1, 3) for case in (("diagonal", "expand"), ("INGD", "expand"))],
+    *[(dim, "KFAC", "reduce") for dim in (1, 3)],
+]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: float64 convolutions on a busy CPU are otherwise up to 100×
+    slower (measured: a Conv3d's forward and backward, 250 ms on two threads of a loaded
+    machine, 2.5 ms on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("dim", "name", "approx"), CONV_CASES)
+def test_equal_convolutions_statistics_are_formed_together(
+    dim: int, name: str, approx: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Equal convolutions' statistics are formed as one group per backward pass, those
+    of equal shapes but other geometry (stride, padding, dilation, padding mode) are
+    not; the optimizer equals one layer at a time."""
+    grouped, groups = _conv_run(dim, name, approx, grouped=True, monkeypatch=monkeypatch)
+    alone, alone_groups = _conv_run(dim, name, approx, grouped=False, monkeypatch=monkeypatch)
+    _assert_same(grouped, alone)
+    assert groups == [CONV_GROUPS] * 2 and alone_groups == []

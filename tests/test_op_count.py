@@ -154,3 +154,37 @@ def _deep_mlp_counts(spec: OptimizerSpec, depth: int) -> op_count.Counts:
 
 def _forward_backward(counts: op_count.Counts) -> int:
     return counts.train_step - counts.step
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        OptimizerSpec("singd", "diagonal"),  # factor-free statistics (a diagonal batch)
+        OptimizerSpec("ingd"),  # projected statistics (a stack)
+        OptimizerSpec("singd", "hierarchical(15, 15)"),
+        OptimizerSpec("kfac"),
+    ],
+    ids=lambda spec: spec.label,
+)
+def test_step_does_not_grow_with_the_number_of_equal_convolutions(spec: OptimizerSpec) -> None:
+    """A residual stage of 4 and of 8 blocks of two equal 3×3 convolutions
+    (``op_count.resnet_stage``): ``step()`` dispatches the same operations, and the
+    forward and backward passes grow like SGD's plus the hooks' two ``detach`` per
+    convolution, since the statistics of equal convolutions are formed together
+    (:meth:`singd.layers.LayerAdapter.statistics_signature`)."""
+    deeper, shallower = _resnet_counts(spec, 8), _resnet_counts(spec, 4)
+    assert deeper.step == shallower.step
+    sgd = _forward_backward(_resnet_sgd_counts(8)) - _forward_backward(_resnet_sgd_counts(4))
+    assert _forward_backward(deeper) - _forward_backward(shallower) == sgd + 2 * 4 * 2
+
+
+@functools.cache
+def _resnet_sgd_counts(blocks: int) -> op_count.Counts:
+    return _resnet_counts(OptimizerSpec("sgd"), blocks)
+
+
+def _resnet_counts(spec: OptimizerSpec, blocks: int) -> op_count.Counts:
+    scenario = op_count.Scenario(
+        "resnet", lambda: op_count.resnet_stage(blocks), (3, 6, 6), 10, 2
+    )  # (small inputs: the counts do not depend on them)
+    return op_count.count(scenario, spec, 1)

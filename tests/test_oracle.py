@@ -105,6 +105,27 @@ def conv_modes() -> nn.Module:
     )
 
 
+def conv_repeated() -> nn.Module:
+    """Three equal convolutions (their statistics are formed together), and two whose
+    inputs and output gradients have their shapes but whose padding mode or padding and
+    dilation differ, between the second and the third."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"),
+        nn.Tanh(),
+        nn.Conv2d(3, 3, 3, padding=2, dilation=2),
+        nn.Tanh(),
+        nn.Conv2d(3, 3, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 3),
+    )
+
+
 PROBLEMS = {
     "mlp": Problem(mlp, (5,), (3,)),
     "mlp_repeated": Problem(mlp_repeated, (5,), (3,)),
@@ -112,6 +133,7 @@ PROBLEMS = {
     "conv_strided": Problem(conv_strided, (2, 7, 7), (3,)),
     "conv_same": Problem(conv_same, (2, 5, 6), (3,)),
     "conv_modes": Problem(conv_modes, (2, 5, 4), (3,)),
+    "conv_repeated": Problem(conv_repeated, (2, 5, 5), (3,)),
 }
 
 

@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
@@ -59,11 +59,32 @@ class LayerAdapter(ABC, Generic[M]):
     #: for (e.g. diagonal for embeddings, whose K spans the vocabulary), or None.
     input_structure: Structure | None = None
 
-    #: Whether the statistics of layers with equal parameter shapes and equal input and
-    #: output-gradient shapes depend on nothing else of the module (e.g. a convolution's
-    #: stride does, a Linear layer has nothing else): then those of equal layers may be
-    #: formed in one batched computation (:mod:`singd.optim.pending`).
-    statistics_need_only_shapes: ClassVar[bool] = False
+    #: The attributes of the module that its statistics read besides the shapes of the
+    #: parameters, the input and the output gradient (a convolution's stride, padding,
+    #: …; none for a Linear layer), or None: the statistics cannot be batched over
+    #: layers. The default :meth:`statistics_signature` reads them.
+    statistics_attributes: ClassVar[tuple[str, ...] | None] = None
+
+    def statistics_signature(self, x: Tensor) -> Hashable | None:
+        """Everything of this layer that the statistics of a pass with input ``x``
+        depend on besides the adapter class and the shapes and dtypes of the parameters,
+        the input and the output gradient; None: they are formed one layer at a time
+        (an adapter may say so for passes where that is cheaper, as convolutions do for
+        large inputs on CPUs).
+
+        The statistics of layers with equal signatures (and equal shapes and dtypes) may
+        be formed in one batched computation: :func:`torch.vmap` of the statistics of
+        the *first* layer of the group over the stacked inputs and output gradients
+        (:mod:`singd.optim.pending`). So the signature must name everything the
+        adapter's statistics methods read from the module, and those methods must be
+        vmap-safe (under :func:`singd.structures._linalg.tracing`: no ``out=`` into
+        views, no in-place writes into new tensors). Default: the values of
+        :attr:`statistics_attributes` (None if that is None).
+        """
+        names = self.statistics_attributes
+        if names is None:
+            return None
+        return tuple(getattr(self.module, name) for name in names)
 
     def __init__(self, module: M) -> None:
         self.module = module

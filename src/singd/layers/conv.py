@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from singd.layers.base import LayerAdapter, pad_bias_entry
+from singd.layers.base import LayerAdapter, pad_bias_entry, scaled_with_bias_column
 from singd.structures import _linalg
 
 
@@ -139,8 +140,42 @@ def patch_sums(
     return sums
 
 
+#: On CPUs, the statistics of equal convolutions are formed together only for inputs of
+#: at most this many elements: there arithmetic and memory traffic dominate, and past a
+#: small input the per-layer forms (patches copied into a preallocated matrix, half
+#: Gram products: what ``torch.vmap`` cannot do) beat the batched ones (``F.unfold``,
+#: full products). Measured on one thread, op_count's ``resnet8`` (16 equal 3×3
+#: convolutions 16→16, batch 32): a training step took 2.3-2.6× (INGD, KFAC) and 4.4×
+#: (block_diagonal(30)) as long with them batched on 16×16 inputs (131 072 elements),
+#: about as long on 8×8, 0.86-0.92× on 4×4 (8 192). Accelerators batch every size.
+CPU_BATCHED_STATISTICS_MAX_NUMEL = 16_384
+
+
 class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
-    """Adapter for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``."""
+    """Adapter for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``.
+
+    The statistics read the geometry of the convolution besides the shapes (equal
+    inputs and output gradients do not fix it: a stride of 4 and of 5 both map
+    14 × 14 to 3 × 3 with a 3 × 3 kernel), so it is the statistics signature: equal
+    convolutions (a residual stage's 3 × 3 blocks) have their statistics formed
+    together (:mod:`singd.optim.pending`).
+    """
+
+    statistics_attributes = (
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    )
+
+    def statistics_signature(self, x: Tensor) -> Hashable | None:
+        """The geometry (:attr:`statistics_attributes`); None for an input of more than
+        :data:`CPU_BATCHED_STATISTICS_MAX_NUMEL` elements on a CPU (see there)."""
+        if _linalg.splits_work(x) and x.numel() > CPU_BATCHED_STATISTICS_MAX_NUMEL:
+            return None
+        return super().statistics_signature(x)
 
     def factor_dims(self) -> tuple[int, int]:
         module = self.module
@@ -168,10 +203,16 @@ class ConvAdapter(LayerAdapter[nn.modules.conv._ConvNd]):
         positions as there are channels, ``Aᵀ`` is written row by row from the
         channel-first input (runs of one output row), otherwise ``A`` from
         channels-last views (runs of ``c`` channels). Both give the same numbers.
+        Under ``torch.vmap`` (equal layers' statistics formed together), which cannot
+        write into views, and on accelerators, it is formed out of place: by
+        ``F.unfold`` (2-d), else from the stacked kernel slices.
         """
         module = self.module
+        tracing = _linalg.tracing()  # (vmap over equal layers: no out= into views)
+        if tracing and len(module.kernel_size) != 2:  # (F.unfold is 2-d only)
+            return scaled_with_bias_column(self, self.shared_inputs(x).flatten(0, 1))
         x = group_averaged_input(module, self._unbatched(x))
-        if not _linalg.splits_work(x) and len(module.kernel_size) == 2:
+        if (tracing or not _linalg.splits_work(x)) and len(module.kernel_size) == 2:
             return self._unfolded_input_matrix(x)
         x = pad_input(module, x)
         c, bias = x.shape[1], module.bias is not None

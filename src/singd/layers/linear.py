@@ -22,7 +22,7 @@ def sequence_format(t: Tensor) -> Tensor:
 class LinearAdapter(LayerAdapter[nn.Linear]):
     """Adapter for :class:`torch.nn.Linear`."""
 
-    statistics_need_only_shapes = True
+    statistics_attributes = ()  # (shapes only)
 
     def factor_dims(self) -> tuple[int, int]:
         module = self.module

@@ -30,7 +30,7 @@ CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
 class TransformersConv1DAdapter(LayerAdapter[nn.Module]):
     """Adapter for ``transformers.pytorch_utils.Conv1D`` (weight ``[d_in, d_out]``)."""
 
-    statistics_need_only_shapes = True
+    statistics_attributes = ()  # (shapes only)
 
     def factor_dims(self) -> tuple[int, int]:
         weight, bias = self.parameters()

@@ -3,7 +3,8 @@ r"""Statistics of equal layers formed together, at the end of the backward pass.
 The capture hooks hand each layer's input :math:`x` and output gradient :math:`g` to
 the optimizer once per forward/backward pass. Formed at once, every layer's
 :math:`H_K, H_C` cost the same handful of operations again, which dominates a
-launch-bound step of many equal layers (transformer blocks, MLPs). So a pass whose
+launch-bound step of many equal layers (transformer blocks, MLPs, the 3×3
+convolutions of a residual stage). So a pass whose
 preconditioner names a :meth:`~singd.preconditioners.base.LayerPreconditioner.statistics_key`
 waits in :class:`PendingStatistics`, and at the end of the backward pass (an autograd
 engine callback, queued by the hook) the passes of each key are

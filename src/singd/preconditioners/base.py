@@ -127,14 +127,18 @@ class LayerPreconditioner(ABC):
 
         Layers wait for each other if their class batches the statistics (overrides
         :meth:`accumulate_batch`), their :meth:`batch_key`, adapter class and parameter
-        shapes and dtypes are equal, their adapter's statistics need only shapes
-        (``statistics_need_only_shapes``: not a convolution's stride, say), and ``x`` and
-        ``g`` have equal shapes and dtypes.
+        shapes and dtypes are equal, their adapters' statistics signatures are equal and
+        not None (:meth:`~singd.layers.LayerAdapter.statistics_signature`: what else of
+        the module the statistics read, a convolution's stride, padding, …), and ``x``
+        and ``g`` have equal shapes and dtypes.
         """
         if type(self).accumulate_batch.__func__ is LayerPreconditioner.accumulate_batch.__func__:  # type: ignore[attr-defined]
             return None
-        adapter = type(self.layer.adapter)
-        if not adapter.statistics_need_only_shapes or not x.is_floating_point():
+        adapter = self.layer.adapter
+        if not x.is_floating_point():
+            return None
+        signature = adapter.statistics_signature(x)
+        if signature is None:
             return None
         key = self.batch_key()
         if key is None:
@@ -144,7 +148,21 @@ class LayerPreconditioner(ABC):
         params = tuple((tuple(p.shape), p.dtype) for p in self.layer.params)
         shapes = (tuple(x.shape), x.dtype, tuple(g.shape), g.dtype)
         plan = self.plan
-        return (type(self), adapter, key, params, shapes, plan.approx, plan.loss_average_name)
+        out = (
+            type(self),
+            type(adapter),
+            signature,
+            key,
+            params,
+            shapes,
+            plan.approx,
+            plan.loss_average_name,
+        )
+        try:
+            hash(out)
+        except TypeError:  # (a signature of unhashable values: one layer at a time)
+            return None
+        return out
 
     @classmethod
     def accumulate_batch(
