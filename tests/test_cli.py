@@ -380,6 +380,24 @@ def test_benchmark_quick_mode_writes_markdown(
     assert "| SINGD-diagonal |" in text and "×SGD T=10" in text
 
 
+def test_in_place_step_benchmark_times_both_steps_and_restores_the_guard(
+    tmp_path: Path,
+) -> None:
+    """benchmarks/in_place_step.py times the shipped step() against the out-of-place one
+    and leaves the step guard as shipped."""
+    from benchmarks import in_place_step
+    from singd.optim.guard import StepGuard
+
+    shipped = StepGuard.writes_in_place
+    out = tmp_path / "in_place.md"
+    argv = ["--scenarios", "tokens", "--optimizers", "singd:diagonal", "--rounds", "1"]
+    assert in_place_step.main([*argv, "--out", str(out)]) == 0
+    assert StepGuard.writes_in_place is shipped
+    row = next(line for line in out.read_text().splitlines() if "SINGD-diagonal" in line)
+    in_place_ms, out_of_place_ms, ratio = (float(v) for v in row.strip("| ").split("|")[2:])
+    assert in_place_ms > 0 and out_of_place_ms > 0 and ratio > 0
+
+
 def test_large_models_quick_mode(tmp_path: Path) -> None:
     """benchmarks/large_models.py (a GPU benchmark) runs its CPU-sized stand-in."""
     from benchmarks import large_models

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from benchmarks.op_count import OpCounter
-from singd.optim.guard import STACKED_COMMIT_MAX_NUMEL, STACKED_COMMIT_MIN_TENSORS, StepGuard
+from singd.optim.branch_free import STACKED_COMMIT_MAX_NUMEL, STACKED_COMMIT_MIN_TENSORS
+from singd.optim.guard import StepGuard
 from singd.optim.verdicts import Verdict, VerdictQueue
 from singd.structures import _linalg
 
@@ -183,3 +185,176 @@ def test_an_in_place_rule_is_undone_unless_the_step_is_ok() -> None:
             assert torch.equal(p, torch.full((3,), 0.5))
             assert all(not t.any() for t in state.values())
             assert guard.verdict(0).failed() == ["bias"]
+
+
+# --- CPUs: the parameter step written in place at the commit --------------------------
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    nn = torch.nn
+    # (two equal layers: their directions come from a batch)
+    return nn.Sequential(
+        nn.Linear(5, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Tanh(),
+        nn.LayerNorm(8),
+        nn.Linear(8, 3),
+    )
+
+
+def _train(
+    make: str, steps: int, corrupt_at: int | None = None
+) -> tuple[torch.nn.Module, dict, int]:
+    """A few steps of ``make`` (SINGD dense/diagonal or KFAC, momentum and weight decay;
+    the LayerNorm on the fallback); returns (model, state_dict, out-of-place steps).
+    At ``corrupt_at`` the LayerNorm's weight gradient (a fallback parameter) gets a NaN."""
+    from singd import KFAC, SINGD
+    from singd.optim import phases
+
+    model = _mlp()
+    settings = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2, "T": 2}
+    if make == "KFAC":
+        optim: Any = KFAC(model, **settings, kl_clip=1e-3)
+    else:
+        optim = SINGD(model, **settings, structures=(make, make))
+    calls = 0
+    original = phases.parameter_step
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    gen = torch.Generator().manual_seed(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(phases, "parameter_step", counted)
+        for t in range(steps):
+            X, y = torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            optim.zero_grad()
+            torch.nn.functional.cross_entropy(model(X), y).backward()
+            if t == corrupt_at:
+                model[6].weight.grad[1] = math.nan
+                with pytest.warns(UserWarning, match="parameter '6.weight'"):
+                    optim.step()
+            else:
+                optim.step()
+    return model, optim.state_dict(), calls
+
+
+@pytest.mark.parametrize("make", ["dense", "diagonal", "KFAC"])
+def test_cpu_steps_in_place_give_the_out_of_place_values_exactly(
+    make: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eagerly on a CPU a parameter step proven finite is written in place at the commit:
+    the same parameters and momenta, bit for bit, as computing it out of place and
+    copying (the guard's general path, forced here), and the out-of-place step is not
+    used at all."""
+    model, state, calls = _train(make, steps=5)
+    assert calls == 0
+    monkeypatch.setattr(StepGuard, "writes_in_place", lambda self, tensors: False)
+    reference, reference_state, reference_calls = _train(make, steps=5)
+    assert reference_calls > 0
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for key, value in state["state"].items():
+        for name, t in value.items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(t, reference_state["state"][key][name]), (key, name)
+
+
+@pytest.mark.parametrize("make", ["dense", "KFAC"])
+def test_a_nan_in_a_fallback_gradient_also_stops_the_in_place_steps(make: str) -> None:
+    """The in-place steps of the Kronecker layers run at the commit, after the fallback
+    rule's verdict: a NaN gradient of the LayerNorm (fallback) leaves every parameter
+    as it was; the run then equals one that never saw that step's batch's update."""
+    skipped, _, _ = _train(make, steps=4, corrupt_at=2)
+    model = _mlp()
+    from singd import KFAC, SINGD
+
+    settings = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2, "T": 2}
+    optim: Any = (
+        KFAC(model, **settings, kl_clip=1e-3)
+        if make == "KFAC"
+        else SINGD(model, **settings, structures=(make, make))
+    )
+    gen = torch.Generator().manual_seed(1)
+    for t in range(4):
+        X, y = torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        if t == 2:
+            continue  # (the skipped step: same data drawn, no step counted)
+        optim.zero_grad()
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+        optim.step()
+    for p, q in zip(skipped.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_step_not_proven_finite_is_computed_out_of_place_and_checked() -> None:
+    """Huge (finite) parameters and momenta: the bound does not prove the step finite
+    (also where it would be: 1e38), so nothing is registered for the commit and the step
+    is left to the out-of-place path, whose results the guard checks (the skips of
+    tests/test_reliability.py)."""
+    from singd.optim.in_place import step_at_commit
+
+    for scale, proven in ((1.0, True), (1e38, False), (3e38, False)):
+        p = torch.tensor([-1.0, 1.0]) * scale
+        buffer = torch.tensor([1.0, -1.0]) * scale
+        d = torch.tensor([0.25, -0.5])
+        expected_p, expected_b = p - (0.9 * buffer + d), 0.9 * buffer + d
+        guard = StepGuard(CPU)
+        registered = step_at_commit(
+            guard, [p], [d.clone()], [buffer], lr=1.0, momentum=0.9, weight_decay=0.0
+        )
+        assert registered == proven
+        assert torch.isfinite(expected_p).all() == (scale < 3e38)
+        guard.commit_([], [])
+        if proven:  # written at the commit
+            assert torch.equal(p, expected_p) and torch.equal(buffer, expected_b)
+        else:  # untouched: not registered
+            assert torch.equal(p, torch.tensor([-1.0, 1.0]) * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_finiteness_bound_is_sound_near_the_largest_value(dtype: torch.dtype) -> None:
+    """Wherever parameter_step_stays_finite says finite, the rounded step is finite: random
+    magnitudes up to twice the largest value / 4, each kind of step; and it does say
+    finite for ordinary magnitudes. (A bound without its rounding margin fails here.)"""
+    from singd.functional import parameter_step_, parameter_step_stays_finite
+
+    largest = torch.finfo(dtype).max
+    gen = torch.Generator().manual_seed(0)
+    proven = 0
+    for trial in range(400):
+        scales = (torch.rand(3, generator=gen) * largest / 2).tolist()
+        lr = float(torch.rand((), generator=gen)) * 2
+        momentum, weight_decay = (0.9, 0.5) if trial % 2 else (0.0, 0.0)
+        if trial % 4 < 2:  # random signs and sizes
+            p, d, b = (
+                ((torch.rand(64, generator=gen) * 2 - 1) * s).to(dtype).clamp(-largest, largest)
+                for s in scales
+            )
+        else:  # the tight case: every magnitude at its maximum, all adding up
+            p, d, b = (
+                torch.full((64,), sign * s).to(dtype)
+                for sign, s in zip((1, -1, -1), scales, strict=True)
+            )
+        maxima = [float(t.abs().max()) for t in (p, d, b)]
+        if not parameter_step_stays_finite(
+            *maxima, lr=lr, momentum=momentum, weight_decay=weight_decay, largest=largest
+        ):
+            continue
+        proven += 1
+        parameter_step_([p], [d], [b], lr=lr, momentum=momentum, weight_decay=weight_decay)
+        assert torch.isfinite(p).all() and torch.isfinite(b).all() and torch.isfinite(d).all()
+    assert proven > 20
+    assert parameter_step_stays_finite(
+        1.0, 1e3, 10.0, lr=0.1, momentum=0.9, weight_decay=1e-2, largest=largest
+    )
+    for bad in (math.inf, math.nan):
+        assert not parameter_step_stays_finite(
+            1.0, bad, 1.0, lr=0.1, momentum=0.9, weight_decay=0.0, largest=largest
+        )

@@ -130,7 +130,7 @@ def test_step_does_not_grow_with_the_number_of_equal_layers(spec: OptimizerSpec)
     """12 and 24 equal layers: ``step()`` dispatches the same operations (the refresh
     and the preconditioning run once per stack of equal layers, and the commit selects
     their parameters and momentum buffers with one stacked ``where`` per shape,
-    :data:`singd.optim.guard.STACKED_COMMIT_MIN_TENSORS`); the forward and backward
+    :data:`singd.optim.branch_free.STACKED_COMMIT_MIN_TENSORS`); the forward and backward
     passes grow like SGD's plus two operations per layer (the hook's ``detach`` of the
     input and of the output gradient), since the statistics of equal layers are formed
     together at the end of the backward pass (:mod:`singd.optim.pending`)."""

@@ -13,6 +13,8 @@ from singd.functional.precondition import (
     kl_clip_factor,
     natural_gradient,
     parameter_step,
+    parameter_step_,
+    parameter_step_stays_finite,
 )
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "kl_clip_factor",
     "natural_gradient",
     "parameter_step",
+    "parameter_step_",
+    "parameter_step_stays_finite",
     "resolve_lr_cov",
     "riemannian_gradients",
     "update_factors",

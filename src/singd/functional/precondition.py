@@ -78,7 +78,8 @@ def apply_parameter_step(
 
     Args:
         params: Parameters to update.
-        directions: Their preconditioned gradients :math:`\Delta`.
+        directions: Their preconditioned gradients :math:`\Delta` (not written: they
+            may be ``.grad``).
         states: Per-parameter state dicts; ``momentum_buffer`` is created as zeros
             on first use (so the first buffer is :math:`\Delta + \gamma\mu`), as in
             ``torch.optim.SGD``.
@@ -88,17 +89,43 @@ def apply_parameter_step(
     """
     if not params:
         return
-    # Multi-tensor (foreach) kernels: the same arithmetic per tensor as the loop
-    # ``buf.mul_(α₂).add_(Δ + γμ); μ.add_(buf, alpha=-β₂)``, without its per-tensor
-    # dispatch overhead.
-    if weight_decay != 0:
+    if weight_decay != 0:  # (out of place: the directions may be the gradients)
         directions = list(torch._foreach_add(directions, params, alpha=weight_decay))
+    buffers = None
     if momentum != 0:
         buffers = []
         for p, state in zip(params, states, strict=True):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             buffers.append(state["momentum_buffer"])
+    parameter_step_(params, directions, buffers, lr=lr, momentum=momentum, weight_decay=0.0)
+
+
+@torch.no_grad()
+def parameter_step_(
+    params: list[Tensor],
+    directions: list[Tensor],
+    buffers: list[Tensor] | None,
+    *,
+    lr: Scalar,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    r"""The step of :func:`parameter_step` in place: ``params`` and ``buffers`` are
+    overwritten with the values :func:`parameter_step` returns (the same rounding).
+
+    Multi-tensor (foreach) kernels: the same arithmetic per tensor as the loop
+    ``Δ.add_(μ, alpha=γ); buf.mul_(α₂).add_(Δ); μ.add_(buf, alpha=-β₂)``, without its
+    per-tensor dispatch overhead. The ``directions`` are consumed, as by
+    :func:`parameter_step`.
+    """
+    if not params:
+        return
+    if weight_decay != 0:
+        torch._foreach_add_(directions, params, alpha=weight_decay)
+    if momentum != 0:
+        if buffers is None:
+            raise ValueError("parameter_step_: momentum ≠ 0 needs the momentum buffers.")
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, directions)
         directions = buffers
@@ -106,6 +133,39 @@ def apply_parameter_step(
         torch._foreach_copy_(params, minus_scaled(params, directions, lr))
     else:
         torch._foreach_add_(params, directions, alpha=-lr)
+
+
+def parameter_step_stays_finite(
+    param_max: float,
+    direction_max: float,
+    buffer_max: float,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    largest: float,
+) -> bool:
+    r"""Whether one parameter step certainly writes finite values only, from bounds.
+
+    With :math:`\max|\mu| \le p`, :math:`\max|\Delta| \le \delta` and
+    :math:`\max|m_\mu| \le b` (``param_max``, ``direction_max``, ``buffer_max``):
+
+    .. math::  |\Delta + \gamma\mu| \le D = \delta + |\gamma| p, \qquad
+               |m_\mu'| \le B = |\alpha_2| b + D, \qquad
+               |\mu'| \le p + |\beta_2| B
+
+    (:math:`B` replaced by :math:`D` without momentum). Rounding makes each of the
+    three rounded operations exceed its exact value by at most a factor
+    :math:`1 + 2^{-t}` (:math:`t` ≥ 8 mantissa bits), so bounds at most
+    ``largest / 4`` (``largest``: the largest finite value of the dtypes involved)
+    prove every written value finite. False for inf or NaN bounds, and where the
+    bound is too large to prove anything (the step may still be finite).
+    """
+    decayed = direction_max + abs(weight_decay) * param_max  # D
+    new_buffer_max = abs(momentum) * buffer_max + decayed if momentum != 0 else decayed
+    new_param_max = param_max + abs(lr) * new_buffer_max
+    # (False for NaN: every comparison with NaN is)
+    return all(v <= largest / 4 for v in (decayed, new_buffer_max, new_param_max))
 
 
 @torch.no_grad()

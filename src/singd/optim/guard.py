@@ -18,7 +18,7 @@ launch-bound step cannot afford. Instead a step is *computed out of place* and
    number of tensors. The per-tensor results go to the host, which names the labels.
 4. :meth:`StepGuard.commit_` writes ``torch.where(ok, new, old)`` into each old
    tensor (in place, no branch on the host; one kernel per tensor, or one stacked
-   ``where`` for many small tensors of one shape: :data:`STACKED_COMMIT_MIN_TENSORS`);
+   ``where`` for many small tensors of one shape: :mod:`singd.optim.branch_free`);
    :meth:`StepGuard.select_` does the same into the new tensors (for state that is
    replaced rather than overwritten, e.g. factor objects).
 5. :meth:`StepGuard.verdict` starts a non-blocking copy of the per-check results to
@@ -43,6 +43,13 @@ new values into the old tensors only if it holds (:meth:`StepGuard.commit_`), an
 the old values back into the new tensors only if it fails (:meth:`StepGuard.select_`):
 the same values as the branch-free commit, which accelerators and compiled code keep.
 
+There a parameter step is not even computed out of place where a bound proves it
+finite from the max-abs of the parameters, directions and momenta
+(:func:`singd.optim.in_place.step_at_commit`): it is registered with
+:meth:`StepGuard.on_commit` and written in place by :meth:`StepGuard.commit_` if the
+step is ok, without fresh parameter-sized tensors (on a CPU they pay page faults) and
+copies.
+
 The module knows nothing about optimizers, so batched or sharded step
 implementations use the same mechanism: check what they produce, commit with the
 same ``ok``.
@@ -56,6 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from singd.optim.branch_free import where_all_into
 from singd.optim.verdicts import Verdict
 from singd.structures import _linalg
 
@@ -77,16 +85,30 @@ def _bounds(squared: tuple[bool, ...], dtype: torch.dtype, device: torch.device)
     ``dtype``, or √(float32 max) for those whose square must be finite in float32.
     Cached: a step checks the same tensors every time, and a fresh host-to-device copy
     per step would be avoidable work."""
+    largest = torch.finfo(dtype).max
+    root = torch.finfo(torch.float32).max ** 0.5
+    if _linalg.tracing():  # (a constant of the graph; a cache lookup would guard on it)
+        return torch.tensor([root if s else largest for s in squared], dtype=dtype, device=device)
     key = (squared, dtype, device)
     bounds = _BOUNDS_CACHE.get(key)
     if bounds is None:
         if len(_BOUNDS_CACHE) >= 64:
             _BOUNDS_CACHE.clear()
-        largest = torch.finfo(dtype).max
-        root = torch.finfo(torch.float32).max ** 0.5
         values = [root if s else largest for s in squared]
         bounds = _BOUNDS_CACHE[key] = torch.tensor(values, dtype=dtype, device=device)
     return bounds
+
+
+def max_abs_on_cpu(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """The max-abs of each CPU tensor (0 for an empty one), as a ``dtype`` vector: one
+    min-max pass per tensor, ~10× faster there than the infinity norm; inf and NaN
+    propagate."""
+    if not tensors:
+        return torch.zeros(0, dtype=dtype)
+    extremes = [torch.aminmax(t) if t.numel() else (t.new_zeros(()),) * 2 for t in tensors]
+    return torch.maximum(
+        torch.stack([e[1] for e in extremes]), -torch.stack([e[0] for e in extremes])
+    ).to(dtype)
 
 
 def _subtracting(value: Tensor, delta: Tensor) -> Callable[[], None]:
@@ -96,57 +118,6 @@ def _subtracting(value: Tensor, delta: Tensor) -> Callable[[], None]:
         value.sub_(delta)
 
     return undo
-
-
-def _where_into(out: Tensor, condition: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out ← where(condition, a, b)``: one kernel eagerly; compiled code cannot write
-    ``out=`` into a non-contiguous tensor, so there it copies (Inductor fuses the two)."""
-    if torch.compiler.is_compiling():
-        out.copy_(torch.where(condition, a, b))
-    else:
-        torch.where(condition, a, b, out=out)
-
-
-#: A branch-free commit selects small tensors of one shape and dtype together when there
-#: are at least this many: ``stack`` the new and the old values, one ``where``,
-#: ``unbind`` and one ``_foreach_copy_`` (five operations, four kernels) instead of one
-#: ``where`` per tensor. So the commit of equal layers (their parameters and momentum
-#: buffers) costs operations per distinct shape, not per layer.
-STACKED_COMMIT_MIN_TENSORS = 5
-
-#: ... and at most this many numbers each: there the kernel launch, not the memory
-#: traffic, is the cost (the stacked select reads and writes each value about three
-#: times as often, and needs two stacks of scratch memory); larger tensors keep their
-#: own ``where``.
-STACKED_COMMIT_MAX_NUMEL = 1 << 16
-
-
-def _where_all_into(
-    outs: Sequence[Tensor], condition: Tensor, a: Sequence[Tensor], b: Sequence[Tensor]
-) -> None:
-    """``outs[i] ← where(condition, a[i], b[i])`` for all ``i`` (each ``outs[i]`` is
-    ``a[i]`` or ``b[i]``): groups of small tensors of one shape, dtype and device
-    through one stacked ``where`` (:data:`STACKED_COMMIT_MIN_TENSORS`), the others one
-    by one. The same values either way: ``where`` only selects."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, out in enumerate(outs):
-        small = out.numel() <= STACKED_COMMIT_MAX_NUMEL and not _linalg.tracing()
-        key = (out.shape, out.dtype, out.device) if small else ("alone", i)
-        groups.setdefault(key, []).append(i)
-    conditions: dict[torch.device, Tensor] = {}
-    for members in groups.values():
-        device = outs[members[0]].device
-        if device not in conditions:
-            conditions[device] = condition.to(device)
-        cond = conditions[device]
-        if len(members) < STACKED_COMMIT_MIN_TENSORS:
-            for i in members:
-                _where_into(outs[i], cond, a[i], b[i])
-            continue
-        selected = torch.where(
-            cond, torch.stack([a[i] for i in members]), torch.stack([b[i] for i in members])
-        )
-        torch._foreach_copy_([outs[i] for i in members], list(selected.unbind(0)))
 
 
 class StepGuard:
@@ -170,6 +141,7 @@ class StepGuard:
         self._passed: Tensor | None = None
         self._order: list[int] = []  # the label of each entry of passed
         self._ok: Tensor | None = None
+        self._on_commit: list[Callable[[], None]] = []
 
     def _label(self, label: str) -> int:
         if self._passed is not None:
@@ -210,6 +182,32 @@ class StepGuard:
     def on_skip(self, undo: Callable[[], None]) -> None:
         """Run ``undo`` (host bookkeeping) if the step turns out to have failed."""
         self._undo.append(undo)
+
+    def writes_in_place(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether an update of ``tensors`` may be written in place at the commit
+        (:meth:`on_commit`), if proven finite in advance, instead of being computed out of
+        place and copied: where this step's commit reads its verdict on the host
+        (eagerly on a CPU, where that is free: module docstring), for plain tensors."""
+        return (
+            bool(tensors)
+            and self.device.type == "cpu"
+            and _linalg.splits_work(tensors[0])
+            and not _linalg.tracing()
+            and not any(_is_dtensor(t) or t.device.type != "cpu" for t in tensors)
+        )
+
+    def on_commit(self, update: Callable[[], None]) -> None:
+        """Run the in-place ``update`` at :meth:`commit_` if the step is :attr:`ok`.
+
+        Only for tensors that :meth:`writes_in_place`, and only for an update proven in
+        advance to write finite values (it is not checked): it runs after the verdict,
+        so it cannot change it.
+        """
+        if self.device.type != "cpu" or _linalg.tracing():
+            raise RuntimeError(
+                "StepGuard.on_commit needs the verdict on the host: CPUs, eagerly only."
+            )
+        self._on_commit.append(update)
 
     @property
     def passed(self) -> Tensor:
@@ -256,11 +254,7 @@ class StepGuard:
         tensors = [self._checked[i] for i in members]
         # max-abs per tensor: inf/NaN propagate, finite values never overflow
         if _linalg.splits_work(tensors[0]):
-            # CPUs: one min-max pass per tensor is ~10× faster than the infinity norm
-            extremes = [torch.aminmax(t) for t in tensors]
-            values = torch.maximum(
-                torch.stack([e.max for e in extremes]), -torch.stack([e.min for e in extremes])
-            ).to(torch.float64 if wide else torch.float32)
+            values = max_abs_on_cpu(tensors, torch.float64 if wide else torch.float32)
         else:  # accelerators: one multi-tensor kernel
             dtype = None if wide else torch.float32
             norms = torch._foreach_norm(tensors, float("inf"), dtype=dtype)
@@ -287,16 +281,22 @@ class StepGuard:
 
     def commit_(self, targets: Sequence[Tensor], new: Sequence[Tensor]) -> None:
         """``target ← new`` if :attr:`ok`, else unchanged; in place, without a host branch
-        (on CPUs with one, where it is free: module docstring)."""
+        (on CPUs with one, where it is free: module docstring). On CPUs it also runs the
+        updates registered with :meth:`on_commit` if :attr:`ok`."""
         host_ok = self._host_ok()
         if host_ok is not None:
             if host_ok:
                 for target, value in zip(targets, new, strict=True):
                     _local(target).copy_(_local(value))
+                for update in self._on_commit:
+                    update()
+            self._on_commit.clear()
             return
+        if self._on_commit:  # (writes_in_place was False for them: never registered)
+            raise RuntimeError("StepGuard: in-place updates need the verdict on the host.")
         local_targets = [_local(t) for t in targets]
         local_new = [_local(v) for v in new]
-        _where_all_into(local_targets, self.ok, local_new, local_targets)
+        where_all_into(local_targets, self.ok, local_new, local_targets)
 
     def select_(self, new: Sequence[Tensor], old: Sequence[Tensor]) -> None:
         """``new ← old`` unless :attr:`ok`: the new tensors hold the committed values.
@@ -321,7 +321,7 @@ class StepGuard:
             else:
                 values.append(value)
                 previous_values.append(previous)
-        _where_all_into(values, self.ok, values, previous_values)
+        where_all_into(values, self.ok, values, previous_values)
 
     def guard_in_place(
         self,
@@ -359,6 +359,7 @@ class StepGuard:
 
     def abort(self) -> None:
         """Put back what :meth:`guard_in_place` changed, unconditionally (the step raised)."""
+        self._on_commit.clear()
         for current, snapshot in self._restores:
             for target, saved in zip(current, snapshot, strict=True):
                 _local(target).copy_(_local(saved))

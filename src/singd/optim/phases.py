@@ -27,6 +27,7 @@ from singd.functional import kl_clip_factor, parameter_step
 from singd.functional.scalars import Scalar, is_one
 from singd.optim.fallback import find_fallback, takes_tensor_lr
 from singd.optim.guard import StepGuard
+from singd.optim.in_place import step_at_commit
 from singd.preconditioners import LayerPreconditioner
 from singd.preconditioners.base import Refreshed
 
@@ -320,6 +321,16 @@ class StepPhasesMixin:
                     if "momentum_buffer" not in state:  # (zeros: the same first step)
                         state["momentum_buffer"] = torch.zeros_like(param)
                     buffers.append(state["momentum_buffer"])
+            if step_at_commit(  # (CPUs: in place, if proven finite)
+                guard,
+                params,
+                directions,
+                buffers,
+                lr=lrs[index],
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+            ):
+                continue
             new_params, new_buffers = parameter_step(
                 params,
                 directions,
