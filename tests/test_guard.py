@@ -206,21 +206,26 @@ def _mlp() -> torch.nn.Module:
     )
 
 
+def _optimizer(make: str, model: torch.nn.Module) -> Any:
+    """SINGD with ``make`` factors, or KFAC (with KL clipping): momentum, weight decay."""
+    from singd import KFAC, SINGD
+
+    settings = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2, "T": 2}
+    if make == "KFAC":
+        return KFAC(model, **settings, kl_clip=1e-3)
+    return SINGD(model, **settings, structures=(make, make))
+
+
 def _train(
     make: str, steps: int, corrupt_at: int | None = None
 ) -> tuple[torch.nn.Module, dict, int]:
     """A few steps of ``make`` (SINGD dense/diagonal or KFAC, momentum and weight decay;
     the LayerNorm on the fallback); returns (model, state_dict, out-of-place steps).
     At ``corrupt_at`` the LayerNorm's weight gradient (a fallback parameter) gets a NaN."""
-    from singd import KFAC, SINGD
     from singd.optim import phases
 
     model = _mlp()
-    settings = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2, "T": 2}
-    if make == "KFAC":
-        optim: Any = KFAC(model, **settings, kl_clip=1e-3)
-    else:
-        optim = SINGD(model, **settings, structures=(make, make))
+    optim = _optimizer(make, model)
     calls = 0
     original = phases.parameter_step
 
@@ -273,14 +278,7 @@ def test_a_nan_in_a_fallback_gradient_also_stops_the_in_place_steps(make: str) -
     as it was; the run then equals one that never saw that step's batch's update."""
     skipped, _, _ = _train(make, steps=4, corrupt_at=2)
     model = _mlp()
-    from singd import KFAC, SINGD
-
-    settings = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2, "T": 2}
-    optim: Any = (
-        KFAC(model, **settings, kl_clip=1e-3)
-        if make == "KFAC"
-        else SINGD(model, **settings, structures=(make, make))
-    )
+    optim = _optimizer(make, model)
     gen = torch.Generator().manual_seed(1)
     for t in range(4):
         X, y = torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)

@@ -321,24 +321,12 @@ class StepPhasesMixin:
                     if "momentum_buffer" not in state:  # (zeros: the same first step)
                         state["momentum_buffer"] = torch.zeros_like(param)
                     buffers.append(state["momentum_buffer"])
-            if step_at_commit(  # (CPUs: in place, if proven finite)
-                guard,
-                params,
-                directions,
-                buffers,
-                lr=lrs[index],
-                momentum=config.momentum,
-                weight_decay=config.weight_decay,
-            ):
+            step: dict[str, Any] = {"lr": lrs[index], "momentum": config.momentum}
+            step["weight_decay"] = config.weight_decay
+            # (CPUs: in place at the commit, if proven finite)
+            if step_at_commit(guard, params, directions, buffers, **step):
                 continue
-            new_params, new_buffers = parameter_step(
-                params,
-                directions,
-                buffers,
-                lr=lrs[index],
-                momentum=config.momentum,
-                weight_decay=config.weight_decay,
-            )
+            new_params, new_buffers = parameter_step(params, directions, buffers, **step)
             for label, new_p in zip(labels, new_params, strict=True):
                 guard.check(label, [new_p])
             for label, new_b in zip(labels, new_buffers, strict=False):
