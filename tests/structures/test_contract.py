@@ -19,6 +19,7 @@ from singd.structures import (
     TriuToeplitz,
     available_structures,
     parse_structure,
+    toeplitz,
 )
 from singd.structures.registry import _STRUCTURES
 from singd.structures.toeplitz import DIRECT_MAX_DIM, TriangularToeplitz
@@ -143,6 +144,25 @@ def test_toeplitz_fft_route_is_accurate_for_every_lag(spec, d, n):
         (spec.from_mat_inner(X), project(spec, X.double() @ X.double().T)),
     ]:
         assert_close_scaled(actual.to_dense(), expected, torch.float32, tol=TOEPLITZ_FFT_FLOAT32)
+
+
+@pytest.mark.parametrize("spec", [TrilToeplitz(), TriuToeplitz()], ids=str)
+@pytest.mark.parametrize(("d", "n"), [(129, 129), (300, 1000)])
+def test_toeplitz_prefix_route_against_the_oracle(spec, d, n, monkeypatch):
+    """The CPU's dense route above DIRECT_MAX_DIM (``d ≤ n``: the Gram matrix, then the
+    prefix sums along its diagonals, ``toeplitz.diagonal_prefix_sandwich``) is exact to
+    float32 round-off, for both orientations, and is the route taken at these sizes."""
+    taken = []
+    sandwich = toeplitz.diagonal_prefix_sandwich
+    monkeypatch.setattr(
+        toeplitz, "diagonal_prefix_sandwich", lambda *a: taken.append(1) or sandwich(*a)
+    )
+    gen = generator("prefix", str(spec), d, n)
+    K, K_dense = random_structured(spec, d, torch.float32, gen)
+    X = random_columns(d, n, torch.float32, gen)
+    S = K_dense.T @ X.double()
+    assert_close_scaled(K.from_inner(X).to_dense(), project(spec, S @ S.T), torch.float32)
+    assert taken == [1]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)

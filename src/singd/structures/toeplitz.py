@@ -27,8 +27,8 @@ it) and rounds the result once. For small :math:`d \le` :data:`DIRECT_MAX_DIM` (
 the FFTs' per-column overhead dominates, and a product with the dense :math:`T(t)`
 (at most :math:`128^2` numbers, less than one FFT chunk) is faster, so it is used
 there: e.g. 1.8 instead of 12 ms for :math:`d = 28, n = 32768`; from
-:math:`d \approx 150`–200 on the FFTs win (at :math:`d = 577, n = 2048`: 8.5 vs 26 ms for
-``from_inner``, 9.5 vs 15 ms for :math:`T X`, one CPU thread).
+:math:`d \approx 150`–200 on the FFTs win (at :math:`d = 577, n = 2048`: 9.5 vs 15 ms
+for :math:`T X`, one CPU thread).
 
 **from_inner without a** ``d × d`` **matrix.** :math:`\hat\Pi(S S^\top)` needs only the
 diagonal sums :math:`c_k = \sum_i (S S^\top)_{i+k,i} = \sum_m \sum_i S_{i+k,m} S_{i,m}`,
@@ -37,10 +37,15 @@ the summed autocorrelations of the columns of :math:`S` (Wiener–Khinchin:
 :math:`\hat\Pi(K^\top X X^\top K)` each chunk of columns goes through
 FFT → multiply by :math:`\hat t` → inverse FFT → truncate to :math:`d` rows
 (:math:`S = K^\top X`) → FFT → :math:`|\cdot|^2`, summed over columns: three FFTs of the
-chunk and :math:`O(L)` extra memory. Where it is cheaper the dense route forms the
-``d × d`` matrix :math:`T'(XX^\top)T'^\top` instead, but above
-:data:`DIRECT_MAX_DIM` only while that matrix is no larger than ``X`` (:math:`d \le
-n`), so it never needs more memory than the input (:func:`dense_gram_is_cheaper`).
+chunk and :math:`O(L)` extra memory. Where it is cheaper (:func:`dense_gram_is_cheaper`)
+the dense route forms :math:`G = XX^\top` instead, above :data:`DIRECT_MAX_DIM` only
+while :math:`d \le n` (no memory beyond the input's). The sandwich then needs no
+:math:`d^3` products: with :math:`c_k(M) = \langle M, Z^k\rangle` and :math:`T(t)`
+commuting with :math:`Z`, :math:`c_k(W T(t)^\top) = \sum_u t_u c_{k+u}(W)`, and
+:math:`c_j(T(t) G) = \sum_r t_r D_{r-j}(d-1-j)` with the prefix sums
+:math:`D_\delta(m) = \sum_{a \le m} G_{a,\,a-\delta}` along the diagonals of
+:math:`G`: :math:`O(d^2 \log d)` on a CPU (:func:`diagonal_prefix_sandwich`; at
+:math:`d = 577, n = 2048` 35 instead of 45 ms through FFTs, one shared CPU thread).
 :math:`\hat\Pi(K^\top K)` has the closed form
 :math:`c_k = \sum_{u \ge k} (d-u)\, t_u t_{u-k}` (a correlation of :math:`d`-vectors;
 the same for both orientations).
@@ -68,8 +73,14 @@ DIRECT_MAX_DIM = 128
 #: Relative cost of one ``n × L`` FFT unit (``n L log₂ L``, three passes) against one
 #: multiply-add of a dense product, for choosing the route of the diagonal sums of a
 #: Gram matrix (:func:`gram_diagonal_sums`): fitted on one CPU thread, where it picks
-#: the faster route for every measured shape from d = 145 to 1153, n = 512 to 8192.
-FFT_UNIT_COST = 16.0
+#: the faster route for every measured shape from d = 145 to 1153, n = 512 to 8192
+#: (with the prefix route: FFTs 1.9-2.0 ns per unit at d ≥ 577, the dense route 85-100
+#: ps per multiply-add; dense up to d = 577 at n = 2048, FFTs from d = 769).
+FFT_UNIT_COST = 20.0
+
+#: Cost of :func:`diagonal_prefix_sandwich` per :math:`d^2 \log_2 d` in multiply-adds of
+#: a dense product (its adds and copies are memory-bound): fitted on one CPU thread.
+PREFIX_UNIT_COST = 24.0
 
 #: The last lags of :func:`gram_diagonal_sums` summed directly, not through FFTs (see
 #: there): 64 keeps the FFT error of every other lag amplified at most d/32 times.
@@ -173,7 +184,7 @@ def gram_diagonal_sums(X: Tensor, t: Tensor | None = None, transpose: bool = Fal
     d, n = X.shape
     work = _work_dtype(X.dtype)
     L = fft_length(2 * d - 1)
-    if dense_gram_is_cheaper(d, n, L):
+    if dense_gram_is_cheaper(d, n, L, prefix=t is not None and _prefix_route(X)):
         return dense_gram_diagonal_sums(X.to(work), None if t is None else t.to(work), transpose)
     t_hat = None if t is None else _coefficient_spectrum(t, L, transpose, work)
     # The sums c_k are divided by the counts d - k, which amplifies the FFT's
@@ -198,21 +209,23 @@ def gram_diagonal_sums(X: Tensor, t: Tensor | None = None, transpose: bool = Fal
     return sums
 
 
-def dense_gram_is_cheaper(d: int, n: int, L: int) -> bool:
+def dense_gram_is_cheaper(d: int, n: int, L: int, prefix: bool = False) -> bool:
     r"""Whether :func:`dense_gram_diagonal_sums` beats the FFTs for ``X`` ``[d, n]``.
 
-    Always for :math:`d \le` :data:`DIRECT_MAX_DIM`; above, only while the ``d × d``
-    matrices it forms are no larger than ``X`` itself (:math:`d \le n`, so no memory
-    beyond the input's) and its multiply-adds, :math:`d^2 \min(\tfrac32 n,
-    \tfrac12 n + 2d)`, cost less than :data:`FFT_UNIT_COST` × :math:`n L \log_2 L`. On
-    the benchmark CNN that picks the dense route for the 3×3 convolutions with 16 and 32
-    input channels (``d = 145, n = 8192``: 3.3 instead of 9.5 ms; ``d = 289,
-    n = 2048``: 3.7 instead of 4.4 ms) and the FFTs for the wider ones (``d = 577`` to
-    ``1153``).
+    Always for :math:`d \le` :data:`DIRECT_MAX_DIM`; above, only for :math:`d \le n`
+    (module docstring) and multiply-adds below :data:`FFT_UNIT_COST` ×
+    :math:`n L \log_2 L`: :math:`d^2 \min(\tfrac32 n, \tfrac12 n + 2d)`, or with
+    ``prefix`` (:func:`diagonal_prefix_sandwich`) :math:`\tfrac12 d^2 n` +
+    :data:`PREFIX_UNIT_COST` × :math:`d^2 \log_2 d`. On the benchmark CNN: dense for
+    the 3×3 convolutions with 16 to 64 input channels and many rows (``d = 145, n =
+    8192`` to ``d = 577, n = 2048``), FFTs for the others.
     """
     if d <= DIRECT_MAX_DIM:
         return True
-    dense = d * d * min(1.5 * n, 0.5 * n + 2 * d)
+    if prefix:
+        dense = d * d * (0.5 * n + PREFIX_UNIT_COST * math.log2(d))
+    else:
+        dense = d * d * min(1.5 * n, 0.5 * n + 2 * d)
     return d <= n and dense < FFT_UNIT_COST * n * L * math.log2(L)
 
 
@@ -220,19 +233,52 @@ def dense_gram_diagonal_sums(X: Tensor, t: Tensor | None, transpose: bool) -> Te
     r""":func:`gram_diagonal_sums` through the dense :math:`S S^\top`, in float64.
 
     With :math:`T'` = :math:`T(t)` or :math:`T(t)^\top`: for :math:`n \ge d` the Gram
-    matrix first, :math:`S S^\top = T' (X X^\top) T'^\top` (:math:`\tfrac12 d^2 n +
-    2 d^3` multiply-adds: Gram matrices are formed by halves, see
-    :func:`~singd.structures._linalg.symmetric_gram`), otherwise :math:`S = T' X` first
+    matrix first (:math:`\tfrac12 d^2 n` multiply-adds: Gram matrices are formed by
+    halves, see :func:`~singd.structures._linalg.symmetric_gram`), then on a CPU above
+    :data:`DIRECT_MAX_DIM` the diagonal sums of :math:`T' (X X^\top) T'^\top` in
+    :math:`O(d^2 \log d)` (:func:`diagonal_prefix_sandwich`), elsewhere the two products
+    (:math:`2 d^3`, one operation each); for :math:`n < d` :math:`S = T' X` first
     (:math:`\tfrac32 d^2 n`).
     """
     d, n = X.shape
     if t is None:
         return subdiagonal_sums(symmetric_gram(X))
+    if n >= d and d > DIRECT_MAX_DIM and _prefix_route(X):
+        return diagonal_prefix_sandwich(symmetric_gram(X), t, transpose)
     T = lower_toeplitz(t)
     T = T.T if transpose else T
     if n >= d:
         return subdiagonal_sums(T @ symmetric_gram(X) @ T.T)
     return subdiagonal_sums(symmetric_gram(T @ X))
+
+
+def _prefix_route(X: Tensor) -> bool:
+    """Whether :func:`diagonal_prefix_sandwich` may run: on a CPU, outside compiled or
+    vmapped code (it writes into a view of a fresh buffer)."""
+    return _linalg.splits_work(X) and not _linalg.tracing()
+
+
+def diagonal_prefix_sandwich(G: Tensor, t: Tensor, transpose: bool) -> Tensor:
+    r"""The diagonal sums of :math:`T(t) G T(t)^\top` (:math:`T(t)^\top G T(t)` with
+    ``transpose``) for a symmetric ``G`` ``[d, d]`` through the prefix sums along its
+    diagonals (module docstring), :math:`O(d^2 \log d)`, in float64."""
+    d = G.shape[0]
+    if transpose:  # Tᵀ G T = J T (J G J) Tᵀ J, and J·J keeps a symmetric's diagonal sums
+        G = G.flip((0, 1))
+    # W[a, e] = G[a, a + e - (d - 1)], zero off G: row a holds its entries by diagonal
+    W = G.new_zeros(d, 2 * d - 1)
+    W.as_strided((d, d), (2 * d - 2, 1), d - 1).copy_(G)
+    # prefix sums down the columns by doubling, log₂ d vectorised adds (torch.cumsum
+    # along dim 0 strides through memory one element at a time: 8× slower at d = 577)
+    spare, shift = torch.empty_like(W), 1
+    while shift < d:
+        spare[:shift] = W[:shift]
+        torch.add(W[shift:], W[:-shift], out=spare[shift:])
+        W, spare, shift = spare, W, 2 * shift
+    # the prefix sums D_{r-j}(d-1-j) as a [d, d] view, rows j and columns r reversed
+    D = W.as_strided((d, d), (2 * d - 2, 1), d - 1)
+    w = (D @ t.flip(0).to(G.dtype)).flip(0).to(torch.float64)
+    return toeplitz_matmat(t.to(torch.float64), w.unsqueeze(1), transpose=True)[:, 0]
 
 
 def _coefficients_from_diagonal_sums(c: Tensor) -> Tensor:
