@@ -33,10 +33,10 @@ a rule of the user's rounds as its operations do on a tensor ``lr``.)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from singd.config import Fallback
 from singd.functional import apply_parameter_step
@@ -161,30 +161,3 @@ def find_fallback(name: str) -> FallbackRule:
         return _FALLBACKS[name]
     except KeyError:
         raise ValueError(f"Invalid fallback {name!r}. Valid: {available_fallbacks()}.") from None
-
-
-def fallback_step(
-    param_groups: list[dict[str, Any]],
-    configs: list[GroupConfig],
-    fallback_group: Mapping[nn.Parameter, int],
-    state: Mapping[Tensor, dict[str, Tensor]],
-    grad_divisor: float,
-) -> None:
-    """Update every parameter without Kronecker factors with its group's rule.
-
-    Args:
-        param_groups: The optimizer's param groups (``lr`` is read live).
-        configs: Their configurations.
-        fallback_group: The group index of every fallback parameter.
-        state: ``optimizer.state``.
-        grad_divisor: The gradient scale to divide the gradients by (1: unscaled).
-    """
-    for index, (group, config) in enumerate(zip(param_groups, configs, strict=True)):
-        params = [
-            p for p in group["params"] if fallback_group.get(p) == index and p.grad is not None
-        ]
-        if config.fallback is None or not params:
-            continue
-        grads = [p.grad if grad_divisor == 1.0 else p.grad / grad_divisor for p in params]
-        rule = find_fallback(config.fallback)
-        rule(params, grads, [state[p] for p in params], config, group["lr"])
