@@ -455,11 +455,12 @@ def _in_git_checkout() -> bool:
 
 
 @pytest.mark.skipif(not _in_git_checkout(), reason="needs the git history of a checkout")
-def test_vs_revision_interleaves_two_source_trees() -> None:
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_vs_revision_interleaves_two_source_trees(clock: str) -> None:
     """benchmarks/vs_revision.py against HEAD: both workers time the same optimizers
     (each from its own tree; the worker refuses any other), SGD is every version's
-    reference, and the paired ratios are positive numbers."""
-    argv = ["--base", "HEAD", "--scenarios", "mlp", "--optimizers", "singd"]
+    reference, the paired ratios are positive numbers, and the report names its clock."""
+    argv = ["--base", "HEAD", "--scenarios", "mlp", "--optimizers", "singd", "--clock", clock]
     stdout = run_benchmark(
         "vs_revision.py",
         *argv,
@@ -477,6 +478,7 @@ def test_vs_revision_interleaves_two_source_trees() -> None:
         if line.startswith("| S") and (cells := [c.strip() for c in line.strip("|").split("|")])
     }
     assert set(rows) == {"SGD", "SINGD-diagonal"}, stdout
+    assert f"({clock} clock: " in stdout
     base_ms, this_ms, ratio, base_sgd, this_sgd = (float(c) for c in rows["SINGD-diagonal"])
     assert base_ms > 0 and this_ms > 0 and ratio > 0
     assert rows["SGD"][3:] == ["1.00", "1.00"]
