@@ -41,7 +41,7 @@ from torch.optim import Optimizer
 from tqdm import tqdm
 
 from singd.cli.data import random_batch
-from singd.cli.measure import interleaved_times, median, optimizer_state_bytes
+from singd.cli.measure import CLOCKS, interleaved_times, median, optimizer_state_bytes
 from singd.cli.models import mlp, tokenwise_mlp, vgg_cnn
 from singd.cli.optimizers import OptimizerSpec, build_optimizer, every_structure, usable_structures
 from singd.cli.report import Column, markdown_table
@@ -150,6 +150,7 @@ def measure_scenario(
     warmup: int,
     bar: tqdm,
     device: torch.device,
+    clock: str = "wall",
 ) -> list[dict[str, object]]:
     """Rows ``{optimizer, ms/step and ×SGD per T, state bytes and ×SGD}`` for one scenario."""
     rows = {spec.label: {"optimizer": spec.label} for spec in specs}
@@ -157,7 +158,7 @@ def measure_scenario(
         built = {spec.label: _round(scenario, spec, T, device) for spec in specs}
         rounds = {label: work for label, (work, _) in built.items()}
         times = interleaved_times(
-            rounds, repeats, warmup=warmup, device=device, progress=bar.update
+            rounds, repeats, warmup=warmup, device=device, progress=bar.update, clock=CLOCKS[clock]
         )
         ms = {label: 1000.0 * median(t) / ROUND_STEPS for label, t in times.items()}
         state = {label: optimizer_state_bytes(optim) for label, (_, optim) in built.items()}
@@ -226,6 +227,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="cpu",
         help="cpu (default: one thread) or cuda[:i] (one GPU, synchronised around each round)",
     )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall (default): elapsed time; cpu: the thread's CPU time, which leaves out "
+        "waits for a core on a shared machine (CPU only)",
+    )
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
@@ -233,6 +241,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.device = resolve_device(args.device)
     except (RuntimeError, ValueError) as error:
         parser.error(f"--device: {error}")
+    if args.clock == "cpu" and args.device.type != "cpu":
+        parser.error("--clock cpu times the host thread only; use it with --device cpu")
     bad = [T for T in args.t_values if T < 1 or ROUND_STEPS % T]
     if bad:
         parser.error(f"--T values must divide {ROUND_STEPS}, got {bad}")
@@ -261,6 +271,10 @@ def _device_description(device: torch.device) -> str:
     return f"1 CPU thread, {platform.machine()} {platform.processor() or ''}".rstrip()
 
 
+#: How the report names each clock of ``--clock``.
+CLOCK_NAMES = {"wall": "elapsed time", "cpu": "the thread's CPU time"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print (and optionally write) the Markdown report."""
     args = parse_args(argv)
@@ -273,7 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [
         "# Step time and optimizer state, relative to SGD",
         "",
-        f"torch {torch.__version__}, {_device_description(device)}; median of {repeats} "
+        f"torch {torch.__version__}, {_device_description(device)}, "
+        f"{CLOCK_NAMES[args.clock]}; "
+        f"median of {repeats} "
         f"rounds of {ROUND_STEPS} steps after {warmup} warm-up round; "
         "state = tensors in `optimizer.state_dict()`. Produced by `"
         + " ".join(["python benchmarks/step_time.py", *_shown_arguments(argv)])
@@ -285,7 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.scenarios:
             scenario = SCENARIOS[name]
             bar.set_description(name)
-            rows = measure_scenario(scenario, specs, args.t_values, repeats, warmup, bar, device)
+            rows = measure_scenario(
+                scenario, specs, args.t_values, repeats, warmup, bar, device, args.clock
+            )
             lines += [
                 "",
                 f"## {name}: {scenario.title}",

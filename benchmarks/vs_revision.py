@@ -43,8 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: jobs the rounds' spread shrinks several-fold (a 784-512-512-10 MLP's step varied 4×
 #: in wall time and 1.2× in CPU time with a load of 4 on 2 cores), while cache and
 #: memory-bandwidth contention still count.
+#: (As ``singd.cli.measure.CLOCKS``; repeated here because a worker imports ``singd``
+#: from the base revision, which may predate it.)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-CLOCK_NAMES = {"wall": "elapsed time", "cpu": "the thread's CPU time"}
 
 
 # --- worker: runs under either source tree -------------------------------------------------
@@ -236,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker(Path(sys.argv[2]))
     args = parse_args(argv)
     # (imported here: a worker must import singd and step_time from its own tree)
-    from step_time import _shown_arguments
+    from step_time import CLOCK_NAMES, _shown_arguments
 
     from singd.cli.optimizers import every_structure
 

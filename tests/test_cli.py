@@ -21,7 +21,12 @@ import pytest
 import torch
 
 from singd.cli import main
-from singd.cli.measure import optimizer_state_bytes, parameter_bytes, unique_storage_bytes
+from singd.cli.measure import (
+    interleaved_times,
+    optimizer_state_bytes,
+    parameter_bytes,
+    unique_storage_bytes,
+)
 from singd.cli.optimizers import OptimizerSpec, every_structure, usable_structures
 from singd.cli.report import Column, markdown_table, to_json
 from tests.helpers import FAST, run_cli, write_fake_cifar10
@@ -364,20 +369,45 @@ def test_console_script_is_installed() -> None:
     assert result.stdout.startswith("singd ")
 
 
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
 def test_benchmark_quick_mode_writes_markdown(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, clock: str
 ) -> None:
     from benchmarks import step_time as bench
 
     out = tmp_path / "bench.md"
     argv = ["--quick", "--repeats", "1", "--scenarios", "mlp", "--optimizers", "sgd", "singd"]
     argv += ["--structures", "diagonal", "--T", "1", "10", "--no-progress", "--out", str(out)]
-    assert bench.main(argv) == 0
+    assert bench.main([*argv, "--clock", clock]) == 0
     assert torch.get_num_threads() == 1
     text = out.read_text()
     assert text == capsys.readouterr().out
     assert "## mlp: MLP 784-512-512-10, batch 128" in text
     assert "| SINGD-diagonal |" in text and "×SGD T=10" in text
+    assert f", {bench.CLOCK_NAMES[clock]}; median of 1 rounds" in text
+
+
+def test_interleaved_times_reads_the_given_clock() -> None:
+    """Each duration is the given clock's advance over one call, round-robin after the
+    warm-up calls (which are not timed)."""
+    ticks = iter(range(0, 1000, 1))
+    calls: list[str] = []
+    rounds = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = interleaved_times(rounds, 2, warmup=1, clock=lambda: float(next(ticks)) ** 2)
+    assert calls == ["a", "b"] * 3
+    # clock readings 0,1 | 4,9 | 16,25 | 36,49: squares of successive ticks
+    assert times == {"a": [1.0, 9.0], "b": [5.0, 13.0]}
+
+
+def test_benchmark_refuses_the_cpu_clock_on_an_accelerator(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import step_time as bench
+
+    monkeypatch.setattr(bench, "resolve_device", lambda name: torch.device("cuda"))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--clock", "cpu", "--device", "cuda"])
+    assert "--clock cpu times the host thread only" in capsys.readouterr().err
 
 
 def test_in_place_step_benchmark_times_both_steps_and_restores_the_guard(
