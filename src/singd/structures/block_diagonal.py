@@ -184,16 +184,27 @@ class BlockDiagonalMatrix(StructuredMatrix):
     def matmul(self, other: BlockDiagonalMatrix) -> BlockDiagonalMatrix:
         self._check_same(other)
         other = other.to(self.dtype)
-        return self._like({"blocks": self.blocks @ other.blocks, "last": self.last @ other.last})
+        return self._like(
+            {"blocks": torch.bmm(self.blocks, other.blocks), "last": self.last @ other.last}
+        )
+
+    def outer(self) -> BlockDiagonalMatrix:
+        r""":math:`M M^\top`, block by block (:math:`M_i M_i^\top`): the preconditioning
+        :math:`K K^\top X` as one block product with ``X`` instead of two
+        (:func:`singd.functional.natural_gradient`)."""
+        return self._like(
+            {"blocks": torch.bmm(self.blocks, self.blocks.mT), "last": self.last @ self.last.T}
+        )
 
     def from_inner(self, X: Tensor | None = None) -> BlockDiagonalMatrix:
+        # (torch.bmm, not @: matmul dispatches 4 more view operations per product)
         blocks, last = self.blocks, self.last
         if X is None:  # K_i^T K_i (not K_i K_i^T: spec §9 A1)
-            return self._like({"blocks": blocks.mT @ blocks, "last": last.T @ last})
+            return self._like({"blocks": torch.bmm(blocks.mT, blocks), "last": last.T @ last})
         gram = self.structure.from_mat_inner(X.to(self.dtype))  # the X_i X_i^T
         return self._like(
             {
-                "blocks": blocks.mT @ (gram.blocks @ blocks),
+                "blocks": torch.bmm(blocks.mT, torch.bmm(gram.blocks, blocks)),
                 "last": last.T @ (gram.last @ last),
             }
         )
