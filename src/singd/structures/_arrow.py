@@ -97,13 +97,18 @@ def _add_product_(out: Tensor, A: Tensor, B: Tensor) -> None:
         out.addmm_(A, B)
 
 
-def join_rows(Y_Z: Tensor, C: Tensor, X: Tensor, a: int, e: int) -> Tensor:
-    r"""Rows :math:`(Y_{\mathcal Z}, \operatorname{diag}(C) X_{\mathcal C})` in index order.
+def join_rows(
+    Y_Z: Tensor, C: Tensor, X: Tensor, a: int, e: int, middle: Tensor | None = None
+) -> Tensor:
+    r"""Rows :math:`(Y_{\mathcal Z}, \operatorname{diag}(C) X_{\mathcal C})` in index order
+    (``middle`` in place of :math:`X_{\mathcal C}` if given).
 
     The diagonal part is written straight into a result laid out like ``X`` (for
     SINGD's :math:`X = A^\top` that avoids a transposing copy of the ``c × n`` rows).
     """
     _, X_C = split_rows(X, a, e)
+    if middle is not None:
+        X_C = middle
     c = X_C.shape[0]
     if c == 0:
         return Y_Z
@@ -151,6 +156,37 @@ def row_rmatmat(K_ZZ: Tensor, W: Tensor, C: Tensor, X: Tensor, a: int, e: int) -
     c = X_C.shape[0]
     if c > 0:
         _add_product_(out[a : a + c], W.T, X_Z)
+    return out
+
+
+def row_outer_matmat(K_ZZ: Tensor, W: Tensor, C: Tensor, X: Tensor, a: int, e: int) -> Tensor:
+    r""":math:`K K^\top X` with the small block of :math:`K K^\top`
+    (:math:`P_{\mathcal Z\mathcal Z} = K_{\mathcal Z\mathcal Z} K_{\mathcal Z\mathcal Z}^\top
+    + W W^\top`) formed first: with :math:`S = C \odot X_{\mathcal C}`,
+
+    .. math::
+        Y_{\mathcal Z} = P_{\mathcal Z\mathcal Z} X_{\mathcal Z} + W S, \qquad
+        Y_{\mathcal C} = C \odot (W^\top X_{\mathcal Z} + S),
+
+    the same two ``z × c`` products with ``X`` as :math:`K (K^\top X)`, fewer
+    operations, and the ``c × n`` rows written in place into one result laid out like
+    ``X``."""
+    X_Z, X_C = split_rows(X, a, e)
+    c = X_C.shape[0]
+    P_ZZ = torch.addmm(K_ZZ @ K_ZZ.T, W, W.T)
+    if c == 0:
+        return P_ZZ @ X_Z
+    if _linalg.tracing():  # (Dynamo and vmap cannot write out= into a view)
+        S = C.unsqueeze(1) * X_C
+        Y_Z = torch.addmm(P_ZZ @ X_Z, W, S)
+        return join_rows(Y_Z, C, X, a, e, middle=torch.addmm(S, W.T, X_Z))
+    out = torch.empty_like(X)
+    Y_C = out[a : a + c]
+    torch.mul(C.unsqueeze(1), X_C, out=Y_C)  # S
+    Y_Z = torch.addmm(P_ZZ @ X_Z, W, Y_C)
+    Y_C.addmm_(W.T, X_Z).mul_(C.unsqueeze(1))
+    out[:a] = Y_Z[:a]
+    out[a + c :] = Y_Z[a:]
     return out
 
 

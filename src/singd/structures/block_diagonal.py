@@ -196,6 +196,10 @@ class BlockDiagonalMatrix(StructuredMatrix):
             {"blocks": torch.bmm(self.blocks, self.blocks.mT), "last": self.last @ self.last.T}
         )
 
+    def outer_matmat(self, X: Tensor) -> Tensor:
+        r""":math:`M M^\top X` as one block product (:meth:`outer`)."""
+        return self.outer().matmat(X)
+
     def from_inner(self, X: Tensor | None = None) -> BlockDiagonalMatrix:
         # (torch.bmm, not @: matmul dispatches 4 more view operations per product)
         blocks, last = self.blocks, self.last

@@ -199,6 +199,12 @@ class HierarchicalMatrix(StructuredMatrix):
         a, _, e = self._sizes()
         return _arrow.row_rmatmat(*self._pieces(), X.to(self.dtype), a, e)
 
+    def outer_matmat(self, X: Tensor) -> Tensor:
+        r""":math:`M M^\top X` (:func:`singd.structures._arrow.row_outer_matmat`: the
+        preconditioning's :math:`K K^\top` in one pass)."""
+        a, _, e = self._sizes()
+        return _arrow.row_outer_matmat(*self._pieces(), X.to(self.dtype), a, e)
+
     def matmul(self, other: HierarchicalMatrix) -> HierarchicalMatrix:
         self._check_same(other)
         product = _arrow.row_matmul(self._pieces(), other.to(self.dtype)._pieces())
