@@ -235,6 +235,13 @@ def test_add_and_mul(case):
     assert {k: v.data_ptr() for k, v in A.tensors().items()} == storage
     check_stored(A, spec, d, dtype)
     assert_close_scaled(A.to_dense(), 3.0 * (A_dense - 0.5 * B_dense), dtype)
+    # device scalars (0-d tensors: the factor update's traces), as fused operations
+    assert A.add_(B, alpha=torch.tensor(2.0, dtype=torch.float64)) is A
+    assert A.mul_(torch.tensor(0.5, dtype=dtype)) is A
+    assert {k: v.data_ptr() for k, v in A.tensors().items()} == storage
+    check_stored(A, spec, d, dtype)
+    want = 0.5 * (3.0 * (A_dense - 0.5 * B_dense) + 2.0 * B_dense)
+    assert_close_scaled(A.to_dense(), want, dtype)
 
 
 def test_norms(case):
