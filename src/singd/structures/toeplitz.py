@@ -79,8 +79,10 @@ DIRECT_MAX_DIM = 128
 FFT_UNIT_COST = 20.0
 
 #: Cost of :func:`diagonal_prefix_sandwich` per :math:`d^2 \log_2 d` in multiply-adds of
-#: a dense product (its adds and copies are memory-bound): fitted on one CPU thread.
-PREFIX_UNIT_COST = 24.0
+#: a dense product (its adds and copies are memory-bound): fitted on one CPU thread,
+#: where it beats the two d³ products from this size on (d = 145: 0.68 vs 0.49 ms,
+#: d = 200: 0.48 vs 0.67 ms).
+PREFIX_UNIT_COST, PREFIX_MIN_DIM = 24.0, 170
 
 #: The last lags of :func:`gram_diagonal_sums` summed directly, not through FFTs (see
 #: there): 64 keeps the FFT error of every other lag amplified at most d/32 times.
@@ -169,7 +171,7 @@ def toeplitz_matmat(t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
     t_hat = _coefficient_spectrum(t, L, transpose, work)
     out = X.new_empty(n, d)  # filled chunk by chunk as rows, returned transposed
     for cols, rows in _column_chunks(X, L, work):
-        out[cols] = torch.fft.irfft(torch.fft.rfft(rows, n=L, dim=1) * t_hat, n=L, dim=1)[:, :d]
+        out[cols] = torch.fft.irfft(torch.fft.rfft(rows, n=L, dim=1).mul_(t_hat), n=L, dim=1)[:, :d]
     return out.T
 
 
@@ -191,18 +193,21 @@ def gram_diagonal_sums(X: Tensor, t: Tensor | None = None, transpose: bool = Fal
     # (norm-wise) round-off of the last lags up to 2d times; so the last EXACT_LAGS
     # lags are summed directly, from the corner S[d-m:] S[:m]ᵀ of the Gram matrix
     # (m² multiply-adds per column), and the rest keep an amplification ≤ 2d/m. The
-    # power spectrum is summed in float64 (a float32 sum gave 10× the error of a
-    # dense float32 Gram). Measured against a float64 oracle (float32 input, largest
-    # error over the largest entry, d = 1153…3000): 1.6e-5 to 1.8e-5 without the
-    # corner; with it, as accurate as a float64 spectrum for 1/10 of that one's cost.
+    # power spectrum is summed in float64 (a float32 sum of all columns gave 10× the
+    # error of a dense float32 Gram), on a CPU each chunk's (a cascade sum) in float32
+    # first: as accurate (0.95-1.4× the error, d = 300…3000, n = 3…8192), 10-20% faster.
+    # Against a float64 oracle (float32 input, largest error over the largest entry,
+    # d = 1153…3000): 1.6e-5 to 1.8e-5 without the corner, with it as accurate as a
+    # float64 spectrum for 1/10 of that one's cost.
     m = min(EXACT_LAGS, d)
     power = torch.zeros(2 * (L // 2 + 1), dtype=torch.float64, device=X.device)
     corner = torch.zeros(m, m, dtype=torch.float64, device=X.device)
+    cpu = _linalg.splits_work(X)
     for _, rows in _column_chunks(X, L, work):
         if t_hat is not None:
-            rows = torch.fft.irfft(torch.fft.rfft(rows, n=L, dim=1) * t_hat, n=L, dim=1)[:, :d]
+            rows = torch.fft.irfft(torch.fft.rfft(rows, n=L, dim=1).mul_(t_hat), n=L, dim=1)[:, :d]
         spectrum = torch.view_as_real(torch.fft.rfft(rows, n=L, dim=1)).reshape(rows.shape[0], -1)
-        power += spectrum.square().sum(0, dtype=torch.float64)
+        power += spectrum.square_().sum(0) if cpu else spectrum.square().sum(0, dtype=torch.float64)
         corner += rows[:, d - m :].T @ rows[:, :m]
     sums = torch.fft.irfft(power.view(-1, 2).sum(1), n=L)[:d]
     sums[d - m :] = subdiagonal_sums(corner)
@@ -234,8 +239,8 @@ def dense_gram_diagonal_sums(X: Tensor, t: Tensor | None, transpose: bool) -> Te
 
     With :math:`T'` = :math:`T(t)` or :math:`T(t)^\top`: for :math:`n \ge d` the Gram
     matrix first (:math:`\tfrac12 d^2 n` multiply-adds: Gram matrices are formed by
-    halves, see :func:`~singd.structures._linalg.symmetric_gram`), then on a CPU above
-    :data:`DIRECT_MAX_DIM` the diagonal sums of :math:`T' (X X^\top) T'^\top` in
+    halves, see :func:`~singd.structures._linalg.symmetric_gram`), then on a CPU from
+    :data:`PREFIX_MIN_DIM` on the diagonal sums of :math:`T' (X X^\top) T'^\top` in
     :math:`O(d^2 \log d)` (:func:`diagonal_prefix_sandwich`), elsewhere the two products
     (:math:`2 d^3`, one operation each); for :math:`n < d` :math:`S = T' X` first
     (:math:`\tfrac32 d^2 n`).
@@ -243,7 +248,7 @@ def dense_gram_diagonal_sums(X: Tensor, t: Tensor | None, transpose: bool) -> Te
     d, n = X.shape
     if t is None:
         return subdiagonal_sums(symmetric_gram(X))
-    if n >= d and d > DIRECT_MAX_DIM and _prefix_route(X):
+    if n >= d and _prefix_route(X):
         return diagonal_prefix_sandwich(symmetric_gram(X), t, transpose)
     T = lower_toeplitz(t)
     T = T.T if transpose else T
@@ -253,9 +258,9 @@ def dense_gram_diagonal_sums(X: Tensor, t: Tensor | None, transpose: bool) -> Te
 
 
 def _prefix_route(X: Tensor) -> bool:
-    """Whether :func:`diagonal_prefix_sandwich` may run: on a CPU, outside compiled or
-    vmapped code (it writes into a view of a fresh buffer)."""
-    return _linalg.splits_work(X) and not _linalg.tracing()
+    """Whether :func:`diagonal_prefix_sandwich` serves ``X``: from :data:`PREFIX_MIN_DIM`
+    rows, on a CPU, outside compiled or vmapped code (it writes into a view)."""
+    return X.shape[0] >= PREFIX_MIN_DIM and _linalg.splits_work(X) and not _linalg.tracing()
 
 
 def diagonal_prefix_sandwich(G: Tensor, t: Tensor, transpose: bool) -> Tensor:
